@@ -1,0 +1,163 @@
+"""Attention processors that record, inject and modulate (SPEC 1.5-1.6).
+
+Installed through diffusers' attention-processor API (`unet.set_attn_processor`), never by
+replacing a module's forward. Two families:
+
+* `ReferenceProcessor` - the literal method: the reference run records each layer's Q and K
+  per step; a modulated run recomputes P = softmax(Q K^T / sqrt(d)) from them and applies
+  it to its own V.
+* `SharedProcessor` - the fast path: batch member 0 *is* the reference run, so P is computed
+  once per layer and step from member 0's Q and K and applied to every member's V in one
+  matrix product. Exact by construction: the reference path also applies, at each layer and
+  step, the P of the unmodulated run to the modulated run's V; here that unmodulated run
+  simply advances in the same batch instead of being replayed from storage.
+"""
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass, field
+
+import torch
+
+from emerdiff_fast import kernels
+
+
+def _check_supported(attn, attention_mask):
+    # SD's transformer blocks never use these; refuse rather than silently differ from diffusers.
+    if attn.spatial_norm is not None or attn.group_norm is not None or attention_mask is not None:
+        raise NotImplementedError("EmerDiff processors support SD transformer-block attention only "
+                                  "(no spatial/group norm, no attention mask)")
+
+
+def _context(attn, hidden_states, encoder_hidden_states):
+    if encoder_hidden_states is None:
+        return hidden_states
+    return attn.norm_encoder_hidden_states(encoder_hidden_states) if attn.norm_cross else encoder_hidden_states
+
+
+def _finish(attn, out, residual):
+    """The output tail of diffusers' AttnProcessor after to_out (identity in SD)."""
+    if attn.residual_connection:
+        out = out + residual
+    return out / attn.rescale_output_factor
+
+
+@dataclass
+class Modulation:
+    """What the modulated layer adds: member b gets coef[b] * masks[index[b]] (SPEC 1.6)."""
+
+    masks: torch.Tensor  # (K, N) float {0, 1} low-resolution masks, N = h * w
+    index: torch.Tensor  # (B,) int64 mask of each batch member
+    coef: torch.Tensor   # (B,) float: +lam, -lam, or 0 (the reference member, padding)
+
+
+@dataclass
+class RunState:
+    """Shared by all processors of one denoising run; the engine moves `step` along."""
+
+    mode: str = "record"              # "record" | "inject" (reference) | "shared" (fast)
+    step: int = 0
+    modulated_layer: str = ""
+    modulation: Modulation | None = None
+    modulate_now: bool = False        # set per step by the loop; a bool, so compile sees 2 cases
+    store: dict = field(default_factory=dict)  # (layer, step) -> (q, k), reference path only
+
+
+class ReferenceProcessor:
+    """Literal SPEC: explicit softmax(QK^T/sqrt(d)) V via diffusers' own helpers."""
+
+    def __init__(self, name: str, state: RunState):
+        self.name, self.state = name, state
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, *args, **kwargs):
+        _check_supported(attn, attention_mask)
+        st = self.state
+        context = _context(attn, hidden_states, encoder_hidden_states)
+        if st.mode == "record":
+            q = attn.head_to_batch_dim(attn.to_q(hidden_states))
+            k = attn.head_to_batch_dim(attn.to_k(context))
+            st.store[(self.name, st.step)] = (q, k)
+        else:  # inject the reference run's probabilities at this layer and step
+            q, k = st.store[(self.name, st.step)]
+        probs = attn.get_attention_scores(q, k)
+        v = attn.head_to_batch_dim(attn.to_v(context))
+        batch = hidden_states.shape[0]
+        if probs.shape[0] != v.shape[0]:  # one reference P for every batch member
+            probs = probs.repeat(batch, 1, 1)
+        out = attn.to_out[1](attn.to_out[0](attn.batch_to_head_dim(torch.bmm(probs, v))))
+        if self.name == st.modulated_layer and st.modulate_now:
+            m = st.modulation
+            out = out + (m.coef[:, None] * m.masks[m.index]).to(out.dtype)[:, :, None]
+        return _finish(attn, out, hidden_states)
+
+
+def shared_probs(attn, q0: torch.Tensor, k0: torch.Tensor) -> torch.Tensor:
+    """(1, N, C), (1, M, C) -> per-head softmax(Q K^T * scale): (heads, N, M). diffusers' own
+    get_attention_scores, so P is bit-identical to the reference path's."""
+    return attn.get_attention_scores(attn.head_to_batch_dim(q0), attn.head_to_batch_dim(k0))
+
+
+class SharedProcessor:
+    """Fast path. Member 0 is the unmodulated reference run; its P serves every member.
+
+    Self-attention: out_b = P V_b for all b as one product (heads, N, N) x (heads, N, B*d).
+    Cross-attention: with P shared and the text context the same for every member, the
+    output P V_text does not depend on the member at all, so it is computed once and
+    broadcast; at the modulated layer only the per-member c_b * M_{i_b} differs, which the
+    fused modulation kernel adds while broadcasting.
+    """
+
+    def __init__(self, name: str, state: RunState):
+        self.name, self.state = name, state
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, *args, **kwargs):
+        _check_supported(attn, attention_mask)
+        batch, n, channels = hidden_states.shape
+        h0 = hidden_states[:1]
+        is_cross = encoder_hidden_states is not None
+        ctx0 = _context(attn, h0, None if not is_cross else encoder_hidden_states[:1])
+        probs = shared_probs(attn, attn.to_q(h0), attn.to_k(ctx0))
+        heads = attn.heads
+        if is_cross:
+            v = attn.to_v(ctx0)[0].view(-1, heads, channels // heads).transpose(0, 1)  # (heads, M, d)
+            out0 = attn.to_out[0](torch.bmm(probs, v).transpose(0, 1).reshape(n, channels))
+            st = self.state
+            if self.name == st.modulated_layer and st.modulate_now:
+                m = st.modulation
+                out = kernels.modulate(out0, m.masks.to(out0.dtype), m.index, m.coef.to(out0.dtype))
+            else:
+                out = out0.expand(batch, n, channels)
+        else:
+            d = channels // heads
+            v = attn.to_v(hidden_states).view(batch, n, heads, d).permute(2, 1, 0, 3).reshape(heads, n, batch * d)
+            out = torch.bmm(probs, v).view(heads, n, batch, d).permute(2, 1, 0, 3).reshape(batch, n, channels)
+            out = attn.to_out[0](out)
+        return _finish(attn, attn.to_out[1](out), hidden_states)
+
+
+def make_processors(unet, cls, state: RunState) -> dict:
+    """One `cls(layer_name, state)` per attention layer, keyed as set_attn_processor wants."""
+    return {k: cls(k.removesuffix(".processor"), state) for k in unet.attn_processors}
+
+
+@contextlib.contextmanager
+def installed(unet, procs: dict):
+    """Install processors on the UNet for the duration of a block; restore the originals."""
+    original = unet.attn_processors
+    unet.set_attn_processor(procs)
+    try:
+        yield
+    finally:
+        unet.set_attn_processor(original)
+
+
+def attention_layer_names(unet) -> list[str]:
+    return [k.removesuffix(".processor") for k in unet.attn_processors]
+
+
+def find_module(unet, name: str):
+    try:
+        return unet.get_submodule(name)
+    except AttributeError:
+        raise ValueError(f"layer {name!r} does not exist in this UNet; attention layers are e.g. "
+                         f"{attention_layer_names(unet)[-3:]}") from None

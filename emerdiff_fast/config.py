@@ -1,0 +1,89 @@
+"""EmerDiff hyperparameters (SPEC section 1), validated on construction."""
+from __future__ import annotations
+
+import dataclasses
+import re
+from dataclasses import dataclass
+
+_LAYER_RE = re.compile(r"^(down_blocks\.\d+|mid_block|up_blocks\.\d+)\.attentions\.\d+\.transformer_blocks\.\d+\.attn[12]$")
+
+
+class ConfigError(ValueError):
+    """A hyperparameter is out of range or inconsistent."""
+
+
+def leading_timesteps(num_inference_steps: int, num_train_timesteps: int = 1000, steps_offset: int = 1) -> list[int]:
+    """Stable Diffusion's "leading" grid: 981, 961, ..., 1 for 50 steps (largest first)."""
+    ratio = num_train_timesteps // num_inference_steps
+    return [i * ratio + steps_offset for i in reversed(range(num_inference_steps))]
+
+
+@dataclass(frozen=True)
+class EmerDiffConfig:
+    """Every knob of the method. Defaults are the paper's; (choice) marks our documented picks."""
+
+    num_masks: int = 30                 # K; the paper sweeps 10..40
+    lam: float = 10.0                   # modulation strength lambda
+    t_feature: int = 1                  # timestep of the low-resolution feature run
+    t_modulate: int = 281               # timestep where modulated runs start
+    num_inference_steps: int = 50       # grid 981, 961, ..., 1
+    feature_layer: str = "up_blocks.1.attentions.0.transformer_blocks.0.attn2"    # to_q output
+    modulated_layer: str = "up_blocks.1.attentions.2.transformer_blocks.0.attn2"  # + c * M_i
+    modulate_steps: int = 1             # (choice) modulate at the first N steps from t_modulate
+    sampler: str = "ddpm"               # (choice) "ddpm" or "ddim" (eta = 0)
+    gaussian_sigma: float = 4.0         # (choice) pixels at processing resolution; 0 disables
+    kmeans_init: str = "k-means++"      # the only initialisation implemented
+    kmeans_restarts: int = 10           # (choice) keep the restart with the lowest inertia
+    kmeans_iterations: int = 100        # (choice) Lloyd iterations at most
+    seed: int = 0
+    resolution: int = 512               # images are resized to resolution x resolution
+
+    def __post_init__(self) -> None:
+        if self.num_masks < 2:
+            raise ConfigError(f"num_masks must be at least 2, got {self.num_masks}")
+        if self.resolution <= 0 or self.resolution % 64:
+            raise ConfigError(f"resolution must be a positive multiple of 64, got {self.resolution}")
+        grid = self.feature_grid_size
+        if self.num_masks > grid:
+            raise ConfigError(
+                f"num_masks={self.num_masks} exceeds the {grid} low-resolution positions "
+                f"at resolution {self.resolution} (feature grid {self.resolution // 32}x{self.resolution // 32})")
+        if not (self.lam == self.lam) or abs(self.lam) == float("inf"):
+            raise ConfigError(f"lam must be finite, got {self.lam}")
+        if self.num_inference_steps < 1 or 1000 % self.num_inference_steps:
+            raise ConfigError(f"num_inference_steps must divide 1000, got {self.num_inference_steps}")
+        grid_t = leading_timesteps(self.num_inference_steps)
+        if self.t_modulate not in grid_t:
+            raise ConfigError(
+                f"t_modulate={self.t_modulate} is not on the {self.num_inference_steps}-step schedule "
+                f"({grid_t[0]}, {grid_t[1]}, ..., {grid_t[-1]})")
+        if not 0 <= self.t_feature < 1000:
+            raise ConfigError(f"t_feature must lie in [0, 1000), got {self.t_feature}")
+        n_steps = sum(t <= self.t_modulate for t in grid_t)
+        if not 1 <= self.modulate_steps <= n_steps:
+            raise ConfigError(f"modulate_steps must lie in [1, {n_steps}], got {self.modulate_steps}")
+        for field in ("feature_layer", "modulated_layer"):
+            name = getattr(self, field)
+            if not _LAYER_RE.match(name):
+                raise ConfigError(
+                    f"unknown layer name {field}={name!r}; expected e.g. "
+                    "'up_blocks.1.attentions.2.transformer_blocks.0.attn2'")
+        if self.sampler not in ("ddpm", "ddim"):
+            raise ConfigError(f"sampler must be 'ddpm' or 'ddim', got {self.sampler!r}")
+        if self.gaussian_sigma < 0:
+            raise ConfigError(f"gaussian_sigma must be >= 0, got {self.gaussian_sigma}")
+        if self.kmeans_init != "k-means++":
+            raise ConfigError(f"kmeans_init must be 'k-means++', got {self.kmeans_init!r}")
+        if self.kmeans_restarts < 1 or self.kmeans_iterations < 1:
+            raise ConfigError("kmeans_restarts and kmeans_iterations must be at least 1")
+
+    @property
+    def feature_grid_size(self) -> int:
+        """Positions of the 16x16 (at 512 px) feature map: SD's up_blocks[1] runs at 1/32 scale."""
+        return (self.resolution // 32) ** 2
+
+    def replace(self, **changes) -> "EmerDiffConfig":
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)

@@ -1,0 +1,155 @@
+"""`EmerDiff`: the user-facing segmenter. Stages shared by every backend live here
+(encode, low-resolution features, k-means, label maps); the backends differ only in how
+they produce the K difference maps (reference.py: one modulated run per mask, engine.py:
+one batched run for all masks)."""
+from __future__ import annotations
+
+import torch
+
+from . import engine, reference
+from .attention import RunState, find_module
+from .config import ConfigError, EmerDiffConfig
+from .images import load_image, resize_labels, to_model_input
+from .kmeans import kmeans
+from .maps import assign_labels, gaussian_blur, mask_embeddings, masks_from_labels, naive_upsample
+from .result import SegmentationResult
+from .schedule import add_noise, build_sampler, make_scheduler, modulation_timesteps, seeded_noise
+from .timing import timed
+
+BACKENDS = ("reference", "fast", "naive")
+
+
+class _StopForward(Exception):
+    """Raised by the feature hook: nothing after the feature layer is needed at t_feature."""
+
+
+class EmerDiff:
+    """Segment images with a Stable Diffusion pipeline.
+
+    backend: "reference" (the literal method), "fast" (same function, batched; see
+    engine.py) or "naive" (bilinear upsampling of the low-resolution masks).
+    Fast-path options: compile (torch.compile the UNet; False or a mode string such as
+    "default" / "max-autotune-no-cudagraphs"), max_batch (modulated runs per denoising
+    batch; None = all 2K on CPU, a free-memory estimate on CUDA), decode_batch (VAE batch).
+    """
+
+    def __init__(self, pipe, config: EmerDiffConfig | None = None, backend: str = "reference", *,
+                 compile: bool | str = False, max_batch: int | None = None, decode_batch: int | None = None,
+                 progress: bool = False):
+        if backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+        self.pipe, self.config, self.backend = pipe, config or EmerDiffConfig(), backend
+        self.unet, self.vae = pipe.unet, pipe.vae
+        self.device, self.dtype = self.unet.device, self.unet.dtype
+        for field in ("feature_layer", "modulated_layer"):
+            find_module(self.unet, getattr(self.config, field))
+        if max_batch is not None and max_batch < 2:
+            raise ValueError(f"max_batch must be at least 2 (one +/- pair), got {max_batch}")
+        self.max_batch, self.decode_batch, self.progress = max_batch, decode_batch, progress
+        with torch.inference_mode():
+            # empty prompt, no classifier-free guidance (SPEC 1.2)
+            self.context = pipe.encode_prompt("", self.device, 1, False)[0].to(self.dtype)
+        self.unet_call = self.unet
+        self.compile_mode = None
+        if compile and backend == "fast":
+            self.compile_mode = "default" if compile is True else compile
+            self.unet_call = torch.compile(self.unet, mode=self.compile_mode, dynamic=False)
+        self._fast_state: RunState | None = None  # persistent so compiled graphs are reused
+
+    # ---- shared stages ---------------------------------------------------------------
+    def encode(self, pixels: torch.Tensor) -> torch.Tensor:
+        """(n, 3, R, R) in [-1, 1] -> latent means times the VAE scaling factor (SPEC 1.1)."""
+        dist = self.vae.encode(pixels.to(self.device, self.dtype)).latent_dist
+        return dist.mean * self.vae.config.scaling_factor
+
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        return self.vae.decode((latents / self.vae.config.scaling_factor).to(self.dtype)).sample
+
+    def features(self, latents: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+        """Query vectors (to_q output) of the feature layer at t_feature (SPEC 1.3): (n, N, C)."""
+        captured = {}
+
+        def hook(module, args, output):
+            captured["q"] = output
+            raise _StopForward
+
+        x = add_noise(self.pipe.scheduler.config, latents.float(), noise.to(self.device), self.config.t_feature)
+        to_q = find_module(self.unet, self.config.feature_layer).to_q
+        handle = to_q.register_forward_hook(hook)
+        try:
+            self.unet(x.to(self.dtype), torch.tensor(self.config.t_feature, device=self.device),
+                      encoder_hidden_states=self.context.expand(x.shape[0], -1, -1))
+        except _StopForward:
+            pass
+        finally:
+            handle.remove()
+        return captured["q"].float()
+
+    def denoise(self, x: torch.Tensor, state: RunState, sampler, unet=None) -> torch.Tensor:
+        """Run the sampler from t_modulate to the end. The loop body has no host sync:
+        the Python-level step bookkeeping reads no tensor values."""
+        unet = unet or self.unet
+        ctx = self.context.expand(x.shape[0], -1, -1)
+        for i in range(len(sampler)):
+            state.step = i
+            state.modulate_now = state.modulation is not None and i < self.config.modulate_steps
+            eps = unet(x.to(self.dtype), sampler.timesteps[i], encoder_hidden_states=ctx).sample
+            x = sampler.step(i, eps.float(), x)
+        return x
+
+    # ---- the call --------------------------------------------------------------------
+    def __call__(self, images):
+        single = not isinstance(images, (list, tuple))
+        results = self.segment(list([images] if single else images))
+        return results[0] if single else results
+
+    @torch.inference_mode()
+    def segment(self, images: list) -> list[SegmentationResult]:
+        cfg = self.config
+        timings: dict[str, float] = {}
+        pil = [load_image(im) for im in images]
+        with timed(timings, "encode", self.device):
+            latents = self.encode(torch.stack([to_model_input(im, cfg.resolution) for im in pil]))
+        latent_shape = tuple(latents.shape[1:])
+        n_steps = len(modulation_timesteps(make_scheduler(self.pipe, cfg.sampler, cfg.num_inference_steps), cfg))
+        feat_noise, start_noise, step_noise = seeded_noise(cfg.seed, latent_shape, n_steps)
+        with timed(timings, "features", self.device):
+            feats = self.features(latents, feat_noise)
+        n_pos = feats.shape[1]
+        side = int(round(n_pos ** 0.5))
+        if cfg.num_masks > n_pos:
+            raise ConfigError(f"num_masks={cfg.num_masks} exceeds the {n_pos} positions of the feature grid")
+        if not torch.isfinite(feats).all():
+            raise FloatingPointError("the feature run produced NaN/inf (try float32 or bfloat16)")
+        with timed(timings, "kmeans", self.device):
+            km = kmeans(feats, cfg.num_masks, restarts=cfg.kmeans_restarts, max_iter=cfg.kmeans_iterations,
+                        seed=cfg.seed, use_triton=self.backend == "fast")
+        sampler = build_sampler(self.pipe, cfg, latent_shape, step_noise).to(self.device, torch.float32)
+        results = []
+        for j, im in enumerate(pil):
+            t = dict(timings)
+            low_res = km.labels[j]
+            if self.backend == "naive":
+                with timed(t, "postprocess", self.device):
+                    labels = naive_upsample(low_res.view(side, side), cfg.num_masks, (cfg.resolution,) * 2)
+                diffs = None
+            else:
+                masks = masks_from_labels(low_res, cfg.num_masks).to(self.device)
+                x_tm = add_noise(self.pipe.scheduler.config, latents[j:j + 1].float(),
+                                 start_noise.to(self.device), cfg.t_modulate)
+                backend = reference if self.backend == "reference" else engine
+                diffs = backend.difference_maps(self, x_tm, masks, sampler, t)
+                if not torch.isfinite(diffs).all():
+                    raise FloatingPointError("difference maps contain NaN/inf (the model overflowed in "
+                                             f"{self.dtype}; try float32 or bfloat16)")
+                with timed(t, "postprocess", self.device):
+                    labels = assign_labels(gaussian_blur(diffs, cfg.gaussian_sigma))
+            labels = resize_labels(labels.cpu(), (im.size[1], im.size[0]))
+            results.append(SegmentationResult(
+                labels=labels.numpy().astype("int32"),
+                low_res_labels=low_res.view(side, side).cpu().numpy().astype("int32"),
+                difference_maps=None if diffs is None else diffs.float().cpu().numpy(),
+                mask_embeddings=mask_embeddings(feats[j], low_res, cfg.num_masks).cpu().numpy(),
+                config=cfg, backend=self.backend, timings=t))
+        return results
+

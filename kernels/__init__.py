@@ -1,0 +1,13 @@
+"""Triton kernels, installed as `emerdiff_fast.kernels`.
+
+Each op is a `torch.library` custom op (opaque to torch.compile, with a fake implementation
+for tracing) that runs its Triton kernel on CUDA tensors - or on CPU tensors when
+TRITON_INTERPRET=1, which is how CI tests them - and its plain-PyTorch fallback otherwise.
+EMERDIFF_DISABLE_TRITON=1 forces the fallback everywhere (the kill switch).
+"""
+from ._dispatch import triton_enabled
+from .kmeans_step import kmeans_assign, kmeans_assign_torch, kmeans_update, kmeans_update_torch
+from .modulate import modulate, modulate_torch
+
+__all__ = ["modulate", "modulate_torch", "kmeans_assign", "kmeans_assign_torch", "kmeans_update",
+           "kmeans_update_torch", "triton_enabled"]

@@ -1,0 +1,119 @@
+"""Batched k-means steps: fused distance + argmin (assignment) and centroid sums (update),
+over a batch of independent problems (images x restarts). Both are deterministic: no
+atomics, each output element is reduced by one program in a fixed order."""
+import torch
+
+from ._dispatch import HAVE_TRITON, triton_enabled
+
+if HAVE_TRITON:
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def _assign_kernel(x_ptr, c_ptr, labels_ptr, dist_ptr, N, K, D,
+                       BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr):
+        b = tl.program_id(0)
+        offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+        offs_d = tl.arange(0, BLOCK_D)
+        mask_n = offs_n < N
+        x_base = x_ptr + b * N * D
+        c_base = c_ptr + b * K * D
+        x_norm = tl.zeros((BLOCK_N,), dtype=tl.float32)
+        for d0 in range(0, D, BLOCK_D):
+            md = (d0 + offs_d) < D
+            xt = tl.load(x_base + offs_n[:, None] * D + d0 + offs_d[None, :], mask=mask_n[:, None] & md[None, :], other=0.0)
+            x_norm += tl.sum(xt * xt, axis=1)
+        best = tl.full((BLOCK_N,), float("inf"), dtype=tl.float32)
+        best_idx = tl.zeros((BLOCK_N,), dtype=tl.int32)
+        for k0 in range(0, K, BLOCK_K):
+            offs_k = k0 + tl.arange(0, BLOCK_K)
+            mask_k = offs_k < K
+            acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
+            c_norm = tl.zeros((BLOCK_K,), dtype=tl.float32)
+            for d0 in range(0, D, BLOCK_D):
+                md = (d0 + offs_d) < D
+                xt = tl.load(x_base + offs_n[:, None] * D + d0 + offs_d[None, :], mask=mask_n[:, None] & md[None, :], other=0.0)
+                ct = tl.load(c_base + offs_k[:, None] * D + d0 + offs_d[None, :], mask=mask_k[:, None] & md[None, :], other=0.0)
+                acc += tl.dot(xt, tl.trans(ct), input_precision="ieee")
+                c_norm += tl.sum(ct * ct, axis=1)
+            dist = x_norm[:, None] - 2.0 * acc + c_norm[None, :]
+            dist = tl.where(mask_k[None, :], dist, float("inf"))
+            blk_min = tl.min(dist, axis=1)
+            blk_arg = tl.argmin(dist, axis=1).to(tl.int32) + k0
+            better = blk_min < best  # strict: ties keep the lower index, like torch.argmin
+            best = tl.where(better, blk_min, best)
+            best_idx = tl.where(better, blk_arg, best_idx)
+        tl.store(labels_ptr + b * N + offs_n, best_idx.to(tl.int64), mask=mask_n)
+        tl.store(dist_ptr + b * N + offs_n, tl.maximum(best, 0.0), mask=mask_n)
+
+    @triton.jit
+    def _update_kernel(x_ptr, labels_ptr, sums_ptr, counts_ptr, N, K, D,
+                       BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+        b = tl.program_id(0)
+        k = tl.program_id(1)
+        offs_d = tl.program_id(2) * BLOCK_D + tl.arange(0, BLOCK_D)
+        mask_d = offs_d < D
+        acc = tl.zeros((BLOCK_D,), dtype=tl.float32)
+        cnt = tl.zeros((BLOCK_N,), dtype=tl.float32)
+        for n0 in range(0, N, BLOCK_N):
+            offs_n = n0 + tl.arange(0, BLOCK_N)
+            mask_n = offs_n < N
+            lab = tl.load(labels_ptr + b * N + offs_n, mask=mask_n, other=-1)
+            sel = (lab == k) & mask_n
+            xt = tl.load(x_ptr + b * N * D + offs_n[:, None] * D + offs_d[None, :],
+                         mask=sel[:, None] & mask_d[None, :], other=0.0)
+            acc += tl.sum(xt, axis=0)
+            cnt += sel.to(tl.float32)
+        tl.store(sums_ptr + (b * K + k) * D + offs_d, acc, mask=mask_d)
+        tl.store(counts_ptr + b * K + k, tl.sum(cnt, axis=0), mask=tl.program_id(2) == 0)
+
+
+def kmeans_assign_torch(x: torch.Tensor, centroids: torch.Tensor):
+    dist = (x * x).sum(-1, keepdim=True) - 2 * torch.bmm(x, centroids.transpose(1, 2)) + (centroids * centroids).sum(-1)[:, None, :]
+    mind, labels = dist.min(dim=-1)
+    return labels, mind.clamp_min(0)
+
+
+def kmeans_update_torch(x: torch.Tensor, labels: torch.Tensor, k: int):
+    onehot = torch.nn.functional.one_hot(labels, k).to(x.dtype)  # (B, N, K)
+    return torch.bmm(onehot.transpose(1, 2), x), onehot.sum(1)
+
+
+@torch.library.custom_op("emerdiff::kmeans_assign", mutates_args=())
+def kmeans_assign(x: torch.Tensor, centroids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """x (B, N, D), centroids (B, K, D), float32 -> (labels (B, N) int64, squared distance (B, N))."""
+    if not triton_enabled(x):
+        return kmeans_assign_torch(x, centroids)
+    x, centroids = x.contiguous(), centroids.contiguous()
+    b, n, d = x.shape
+    k = centroids.shape[1]
+    labels = torch.empty((b, n), dtype=torch.int64, device=x.device)
+    dist = torch.empty((b, n), dtype=torch.float32, device=x.device)
+    block_n, block_k, block_d = 32, 32, 64
+    _assign_kernel[(b, triton.cdiv(n, block_n))](x, centroids, labels, dist, n, k, d,
+                                                 BLOCK_N=block_n, BLOCK_K=block_k, BLOCK_D=block_d)
+    return labels, dist
+
+
+@kmeans_assign.register_fake
+def _(x, centroids):
+    return x.new_empty(x.shape[:2], dtype=torch.int64), x.new_empty(x.shape[:2])
+
+
+@torch.library.custom_op("emerdiff::kmeans_update", mutates_args=())
+def kmeans_update(x: torch.Tensor, labels: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """x (B, N, D) float32, labels (B, N) -> (per-cluster sums (B, K, D), counts (B, K))."""
+    if not triton_enabled(x):
+        return kmeans_update_torch(x, labels, k)
+    x, labels = x.contiguous(), labels.contiguous()
+    b, n, d = x.shape
+    sums = torch.empty((b, k, d), dtype=torch.float32, device=x.device)
+    counts = torch.empty((b, k), dtype=torch.float32, device=x.device)
+    block_n, block_d = 32, 128
+    _update_kernel[(b, k, triton.cdiv(d, block_d))](x, labels, sums, counts, n, k, d, BLOCK_N=block_n, BLOCK_D=block_d)
+    return sums, counts
+
+
+@kmeans_update.register_fake
+def _(x, labels, k):
+    return x.new_empty((x.shape[0], k, x.shape[2])), x.new_empty((x.shape[0], k))

@@ -1,0 +1,37 @@
+import os
+
+# Triton kernels run on CPU tensors through the interpreter; must be set before triton loads.
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def tiny_pipe():
+    from emerdiff_fast import load_pipeline
+
+    return load_pipeline("tiny")
+
+
+@pytest.fixture(scope="session")
+def photo_path(tmp_path_factory):
+    """A real photograph shipped with scikit-image (the astronaut), written as PNG."""
+    from PIL import Image
+    from skimage import data
+
+    path = tmp_path_factory.mktemp("photos") / "astronaut.png"
+    Image.fromarray(data.astronaut()).resize((96, 80)).save(path)
+    return path
+
+
+@pytest.fixture
+def rand_image():
+    def make(seed=0, h=100, w=140):
+        return torch.rand(3, h, w, generator=torch.Generator().manual_seed(seed))
+    return make
+
+
+def rel_err(a, b):
+    return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30))

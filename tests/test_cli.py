@@ -1,0 +1,43 @@
+import numpy as np
+from PIL import Image
+
+from emerdiff_fast.cli import main
+
+ARGS = ["--model", "tiny", "--masks", "4", "--resolution", "64", "--quiet"]
+
+
+def test_segment_photo_end_to_end(photo_path, tmp_path):
+    out = tmp_path / "out"
+    rc = main(["segment", str(photo_path), "--out", str(out), "--save-difference-maps", *ARGS])
+    assert rc == 0
+    labels = Image.open(out / "astronaut.labels.png")
+    assert labels.mode == "P" and labels.size == (96, 80)
+    arr = np.asarray(labels)
+    npz = np.load(out / "astronaut.npz")
+    assert np.array_equal(npz["labels"], arr) and arr.max() < 4
+    assert npz["difference_maps"].shape == (4, 64, 64) and npz["low_res_labels"].shape == (2, 2)
+    assert Image.open(out / "astronaut.overlay.png").size == (96, 80)
+    assert not list(out.glob(".*tmp"))
+
+
+def test_bad_inputs_are_reported_and_others_processed(photo_path, tmp_path, capsys):
+    d = tmp_path / "in"
+    d.mkdir()
+    (d / "a_photo.png").write_bytes(photo_path.read_bytes())
+    (d / "broken.jpg").write_bytes(b"\xff\xd8 truncated")
+    (d / "notes.txt").write_text("ignored: not an image suffix")
+    out = tmp_path / "out"
+    rc = main(["segment", str(d), str(tmp_path / "missing.png"), "--out", str(out), "--backend", "naive", *ARGS])
+    err = capsys.readouterr().err
+    assert rc == 1
+    assert "broken.jpg" in err and "not an image or corrupt" in err and "missing.png' not found" in err
+    assert sorted(p.name for p in out.iterdir()) == ["a_photo.labels.png", "a_photo.npz", "a_photo.overlay.png"]
+
+
+def test_bad_model_and_config_exit_2(photo_path, tmp_path, capsys):
+    assert main(["segment", str(photo_path), "--out", str(tmp_path), "--model", "/no/such/dir"]) == 2
+    assert "not found" in capsys.readouterr().err
+    assert main(["segment", str(photo_path), "--out", str(tmp_path), "--model", "tiny", "--masks", "99",
+                 "--resolution", "64"]) == 2
+    assert "exceeds" in capsys.readouterr().err
+    assert not list(tmp_path.glob("*.png"))

@@ -1,0 +1,41 @@
+import pytest
+
+from emerdiff_fast import ConfigError, EmerDiff, EmerDiffConfig
+from emerdiff_fast.config import leading_timesteps
+
+
+def test_defaults_are_the_papers():
+    c = EmerDiffConfig()
+    assert (c.num_masks, c.lam, c.t_feature, c.t_modulate, c.num_inference_steps, c.resolution) == (30, 10.0, 1, 281, 50, 512)
+    assert c.modulated_layer == "up_blocks.1.attentions.2.transformer_blocks.0.attn2"
+    assert c.feature_layer == "up_blocks.1.attentions.0.transformer_blocks.0.attn2"
+    ts = leading_timesteps(50)
+    assert ts[:2] == [981, 961] and ts[-1] == 1 and 281 in ts and len([t for t in ts if t <= 281]) == 15
+
+
+@pytest.mark.parametrize("kwargs, words", [
+    (dict(num_masks=1), "at least 2"),
+    (dict(num_masks=257), "exceeds the 256"),
+    (dict(num_masks=17, resolution=128), "exceeds the 16"),
+    (dict(t_modulate=280), "not on the 50-step schedule"),
+    (dict(resolution=500), "multiple of 64"),
+    (dict(modulated_layer="up_blocks.1.attn9"), "unknown layer name"),
+    (dict(sampler="euler"), "ddpm"),
+    (dict(lam=float("nan")), "finite"),
+    (dict(modulate_steps=16), "modulate_steps"),
+    (dict(gaussian_sigma=-1), "gaussian_sigma"),
+])
+def test_invalid_configs_fail_clearly(kwargs, words):
+    with pytest.raises(ConfigError, match=words):
+        EmerDiffConfig(**kwargs)
+
+
+def test_layer_missing_from_model(tiny_pipe):
+    cfg = EmerDiffConfig(resolution=128, num_masks=4, modulated_layer="up_blocks.3.attentions.7.transformer_blocks.0.attn2")
+    with pytest.raises(ValueError, match="does not exist in this UNet"):
+        EmerDiff(tiny_pipe, cfg)
+
+
+def test_unknown_backend(tiny_pipe):
+    with pytest.raises(ValueError, match="backend"):
+        EmerDiff(tiny_pipe, EmerDiffConfig(resolution=128, num_masks=4), backend="turbo")

@@ -1,0 +1,64 @@
+import pytest
+import torch
+
+from emerdiff_fast.kmeans import kmeans, kmeans_plusplus, lloyd
+from emerdiff_fast import kernels
+
+
+def _blobs(b=2, per=20, k=4, d=8, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    centres = torch.randn(b, k, d, generator=g) * 10
+    x = centres.repeat_interleave(per, 1) + 0.1 * torch.randn(b, k * per, d, generator=g)
+    return x, torch.arange(k).repeat_interleave(per)
+
+
+@pytest.mark.parametrize("use_triton", [False, True])
+def test_recovers_separated_blobs(use_triton):
+    x, truth = _blobs()
+    res = kmeans(x, 4, restarts=4, seed=0, use_triton=use_triton)
+    for b in range(2):
+        # same partition up to renaming: each true blob maps to exactly one cluster
+        pairs = {(int(t), int(p)) for t, p in zip(truth, res.labels[b])}
+        assert len(pairs) == 4
+    assert res.centroids.shape == (2, 4, 8) and (res.inertia < 0.02 * 80 * 8 * 2).all()
+
+
+def test_seeded_and_triton_agrees_with_torch():
+    x = torch.randn(3, 64, 20, generator=torch.Generator().manual_seed(1))
+    a = kmeans(x, 6, restarts=3, seed=7)
+    b = kmeans(x, 6, restarts=3, seed=7)
+    c = kmeans(x, 6, restarts=3, seed=7, use_triton=True)
+    assert torch.equal(a.labels, b.labels)
+    assert torch.equal(a.labels, c.labels)
+    assert torch.allclose(a.centroids, c.centroids, atol=1e-5)
+
+
+def test_restarts_keep_lowest_inertia():
+    x = torch.randn(1, 50, 5, generator=torch.Generator().manual_seed(2))
+    best = kmeans(x, 5, restarts=8, seed=0)
+    singles = [kmeans(x, 5, restarts=1, seed=s).inertia.item() for s in range(3)]
+    assert best.inertia.item() <= min(singles) + 1e-4
+
+
+def test_empty_cluster_is_reseeded():
+    x = torch.tensor([[[0.0], [0.1], [10.0], [10.1], [20.0]]])
+    init = torch.tensor([[[0.05], [10.05], [100.0]]])  # third centre attracts nobody
+    res = lloyd(x, init, 20, kernels.kmeans_assign_torch, kernels.kmeans_update_torch)
+    assert sorted(set(res.labels[0].tolist())) == [0, 1, 2]
+
+
+def test_duplicate_points_do_not_crash():
+    x = torch.zeros(1, 10, 3)
+    res = kmeans(x, 4, restarts=2)
+    assert res.labels.shape == (1, 10) and torch.isfinite(res.centroids).all()
+
+
+def test_plusplus_picks_distinct_points():
+    x, _ = _blobs(b=1)
+    c = kmeans_plusplus(x, 4, torch.Generator().manual_seed(0))
+    assert torch.cdist(c[0], c[0]).add(torch.eye(4) * 1e3).min() > 5  # one per blob
+
+
+def test_too_many_clusters():
+    with pytest.raises(ValueError, match="cannot form 9 clusters from 8"):
+        kmeans(torch.randn(1, 8, 2), 9)

@@ -1,0 +1,135 @@
+"""The reference path on the tiny model: SPEC section 1 behaviour."""
+import numpy as np
+import pytest
+import torch
+
+from emerdiff_fast import EmerDiff, EmerDiffConfig
+from emerdiff_fast.attention import (Modulation, ReferenceProcessor, RunState, SharedProcessor, find_module,
+                                     installed, make_processors)
+from emerdiff_fast.schedule import add_noise, build_sampler, seeded_noise
+
+CFG = EmerDiffConfig(num_masks=4, resolution=128)
+
+
+@pytest.fixture(scope="module")
+def ref_result(tiny_pipe):
+    return EmerDiff(tiny_pipe, CFG, backend="reference")(torch.rand(3, 70, 90, generator=torch.Generator().manual_seed(0)))
+
+
+def test_shapes_dtypes_ranges(ref_result):
+    r = ref_result
+    assert r.labels.shape == (70, 90) and r.labels.dtype == np.int32
+    assert r.low_res_labels.shape == (4, 4) and set(np.unique(r.low_res_labels)) <= set(range(4))
+    assert 0 <= r.labels.min() and r.labels.max() < 4
+    assert r.difference_maps.shape == (4, 128, 128) and r.difference_maps.dtype == np.float32
+    assert (r.difference_maps >= 0).all() and r.difference_maps.max() > 0
+    assert r.mask_embeddings.shape == (4, 64)
+    assert r.pixel_embeddings().shape == (70, 90, 64)
+    assert {"encode", "features", "kmeans", "denoise", "decode", "postprocess"} <= set(r.timings)
+
+
+def test_same_seed_same_output(tiny_pipe, ref_result):
+    again = EmerDiff(tiny_pipe, CFG, backend="reference")(torch.rand(3, 70, 90, generator=torch.Generator().manual_seed(0)))
+    assert np.array_equal(again.labels, ref_result.labels)
+    assert np.array_equal(again.difference_maps, ref_result.difference_maps)
+
+
+def test_lambda_zero_gives_zero_difference_maps(tiny_pipe):
+    r = EmerDiff(tiny_pipe, CFG.replace(lam=0.0), backend="reference")(torch.rand(3, 64, 64))
+    assert np.count_nonzero(r.difference_maps) == 0
+
+
+def _attn_inputs(attn, cross, batch=2, n=16, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    h = torch.randn(batch, n, attn.to_q.in_features, generator=g)
+    ctx = torch.randn(1, 77, attn.to_k.in_features, generator=g).expand(batch, -1, -1) if cross else None
+    return h, ctx
+
+
+@pytest.mark.parametrize("processor", [ReferenceProcessor, SharedProcessor])
+def test_modulation_adds_exactly_c_times_mask(tiny_pipe, processor):
+    name = CFG.modulated_layer
+    attn = find_module(tiny_pipe.unet, name)
+    h, ctx = _attn_inputs(attn, cross=True, batch=3)
+    masks = (torch.rand(4, 16, generator=torch.Generator().manual_seed(1)) > 0.5).float()
+    mod = Modulation(masks, torch.tensor([0, 2, 3]), torch.tensor([0.0, 10.0, -10.0]))
+    plain = processor(name, RunState(mode="record" if processor is ReferenceProcessor else "shared",
+                                     modulated_layer=name))
+    modded = processor(name, RunState(mode=plain.state.mode, modulated_layer=name, modulation=mod, modulate_now=True))
+    with torch.inference_mode():
+        base = plain(attn, h, ctx)
+        out = modded(attn, h, ctx)
+        expected = base + (mod.coef[:, None] * masks[mod.index])[:, :, None]
+        assert torch.equal(out, expected)
+        # not this layer, or not this step: unchanged
+        other = processor("up_blocks.1.attentions.1.transformer_blocks.0.attn2", modded.state)
+        assert torch.equal(other(attn, h, ctx), base)
+        modded.state.modulate_now = False
+        assert torch.equal(modded(attn, h, ctx), base)
+
+
+def test_lambda_zero_modulated_run_reproduces_reference_bit_for_bit(tiny_pipe):
+    """Injection is exact: a modulated run (batch 1, so the GEMM shapes match the reference
+    run's) with lam = 0 ends on the reference run's final latent, bit for bit."""
+    seg = EmerDiff(tiny_pipe, CFG, backend="reference")
+    with torch.inference_mode():
+        latent = seg.encode(torch.rand(1, 3, 128, 128) * 2 - 1)
+        _, start, steps = seeded_noise(0, tuple(latent.shape[1:]), 15)
+        sampler = build_sampler(tiny_pipe, seg.config, tuple(latent.shape[1:]), steps).to("cpu", torch.float32)
+        x_tm = add_noise(tiny_pipe.scheduler.config, latent.float(), start, 281)
+        state = RunState(mode="record", modulated_layer=CFG.modulated_layer)
+        with installed(tiny_pipe.unet, make_processors(tiny_pipe.unet, ReferenceProcessor, state)):
+            ref = seg.denoise(x_tm, state, sampler)
+            state.mode = "inject"
+            state.modulation = Modulation(torch.ones(4, 16), torch.tensor([2]), torch.tensor([0.0]))
+            modulated = seg.denoise(x_tm, state, sampler)
+            state.modulation = Modulation(torch.ones(4, 16), torch.tensor([2]), torch.tensor([10.0]))
+            really_modulated = seg.denoise(x_tm, state, sampler)
+    assert torch.equal(modulated, ref)
+    assert not torch.equal(really_modulated, ref)
+
+
+def test_injection_changes_what_a_free_run_would_do(tiny_pipe):
+    """Injection is active: a modulated run with injected P differs from one computing its
+    own attention (otherwise the processors would not be installed where we think)."""
+    seg = EmerDiff(tiny_pipe, CFG, backend="reference")
+    with torch.inference_mode():
+        x = torch.randn(2, 4, 16, 16)
+        state = RunState(mode="record", modulated_layer=CFG.modulated_layer)
+        with installed(tiny_pipe.unet, make_processors(tiny_pipe.unet, ReferenceProcessor, state)):
+            tiny_pipe.unet(x[:1], 281, encoder_hidden_states=seg.context).sample
+            state.mode = "inject"
+            injected = tiny_pipe.unet(x[1:], 281, encoder_hidden_states=seg.context).sample
+        free = tiny_pipe.unet(x[1:], 281, encoder_hidden_states=seg.context).sample
+        assert not torch.allclose(injected, free, atol=1e-4)
+        assert len(state.store) == len(tiny_pipe.unet.attn_processors)
+
+
+@pytest.mark.parametrize("backend", ["reference", "naive"])
+def test_inputs_of_every_kind(tiny_pipe, backend, photo_path):
+    from PIL import Image
+
+    seg = EmerDiff(tiny_pipe, CFG.replace(num_masks=3), backend=backend)
+    rgba = np.random.default_rng(0).integers(0, 255, (50, 60, 4), dtype=np.uint8)
+    gray = Image.open(photo_path).convert("L")
+    outs = seg([str(photo_path), gray, rgba, torch.rand(1, 33, 47)])
+    assert [o.labels.shape for o in outs] == [(80, 96), (80, 96), (50, 60), (33, 47)]
+
+
+def test_bad_inputs(tiny_pipe, tmp_path):
+    from emerdiff_fast import ImageError
+
+    seg = EmerDiff(tiny_pipe, CFG, backend="naive")
+    bad = tmp_path / "bad.png"
+    bad.write_text("not an image")
+    for item, words in [(bad, "not an image or corrupt"), (tmp_path / "missing.png", "not found"),
+                        (torch.full((3, 8, 8), float("nan")), "NaN"), (np.zeros((4, 4, 3), np.float32), "uint8"),
+                        (torch.rand(5, 8, 8), "CHW")]:
+        with pytest.raises(ImageError, match=words):
+            seg(item)
+
+
+def test_naive_uses_the_same_low_res_masks(tiny_pipe, ref_result):
+    naive = EmerDiff(tiny_pipe, CFG, backend="naive")(torch.rand(3, 70, 90, generator=torch.Generator().manual_seed(0)))
+    assert np.array_equal(naive.low_res_labels, ref_result.low_res_labels)
+    assert naive.difference_maps is None and naive.labels.shape == (70, 90)
