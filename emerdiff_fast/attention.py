@@ -144,7 +144,7 @@ def make_processors(unet, cls, state: RunState) -> dict:
 def installed(unet, procs: dict):
     """Install processors on the UNet for the duration of a block; restore the originals."""
     original = unet.attn_processors
-    unet.set_attn_processor(procs)
+    unet.set_attn_processor(dict(procs))  # diffusers pops entries from the dict it is given
     try:
         yield
     finally:

@@ -1,0 +1,134 @@
+"""Readers for the standard unsupervised-segmentation benchmarks, in their on-disk layouts.
+
+Each yields `Sample(name, image, label)` with the standard class mapping applied (ignored
+pixels = 255). COCO-Stuff and Cityscapes follow STEGO/PiCIE: shorter side resized to 320
+(bilinear image, nearest label) and centre-cropped to 320. ADE20K and PASCAL-Context are
+evaluated at their original size (choice).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+IGNORE = 255
+
+# COCO-Stuff fine ids 0..181 (stuffthingmaps) -> the 27 coarse classes of IIC/PiCIE/STEGO
+# (12 "things" supercategories, then 15 "stuff").
+COCO_FINE_TO_27 = [
+    9, 11, 11, 11, 11, 11, 11, 11, 11, 8, 8, 8, 8, 8, 8, 7, 7, 7, 7, 7, 7, 7, 7, 7, 7, 6, 6, 6, 6, 6, 6, 6, 6,
+    10, 10, 10, 10, 10, 10, 10, 10, 10, 10, 5, 5, 5, 5, 5, 5, 5, 5, 2, 2, 2, 2, 2, 2, 2, 2, 2, 2, 3, 3, 3, 3, 3,
+    3, 3, 3, 3, 3, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 4, 4, 4, 4, 4, 4, 4, 4, 17, 17, 22, 20, 20, 22, 15, 25,
+    16, 13, 12, 12, 17, 17, 23, 15, 15, 17, 15, 21, 15, 25, 13, 13, 13, 13, 13, 22, 26, 14, 14, 15, 22, 21, 21,
+    24, 20, 22, 15, 17, 16, 15, 22, 24, 21, 17, 25, 16, 21, 17, 22, 16, 21, 21, 25, 21, 26, 21, 24, 20, 17, 14,
+    21, 26, 15, 23, 20, 21, 24, 15, 24, 22, 25, 15, 20, 17, 17, 22, 14, 18, 18, 18, 18, 18, 18, 18, 26, 26, 19,
+    19, 24,
+]
+# fine ids unused by COCO-Stuff (removed COCO categories); the other 171 map to 0..170
+COCO_UNUSED = (11, 25, 28, 29, 44, 65, 67, 68, 70, 82, 90)
+COCO_CURATED_VAL = "curated/val2017/Coco164kFull_Stuff_Coarse_7.txt"
+
+
+def _lut(mapping: dict[int, int]) -> np.ndarray:
+    lut = np.full(256, IGNORE, np.uint8)
+    for src, dst in mapping.items():
+        lut[src] = dst
+    return lut
+
+
+LUTS = {
+    "cocostuff27": _lut(dict(enumerate(COCO_FINE_TO_27))),
+    "cocostuff171": _lut({f: i for i, f in enumerate(f for f in range(182) if f not in COCO_UNUSED)}),
+    "ade20k": _lut({v: v - 1 for v in range(1, 151)}),              # 0 = "other" -> ignored
+    "cityscapes": _lut({v: v - 7 for v in range(7, 34)}),           # labelIds 7..33; 0..6 void
+    "pascal_context59": _lut({v: v - 1 for v in range(1, 60)}),     # 0 = background -> ignored
+}
+NUM_CLASSES = {"cocostuff27": 27, "cocostuff171": 171, "ade20k": 150, "cityscapes": 27, "pascal_context59": 59}
+CROP_320 = {"cocostuff27", "cocostuff171", "cityscapes"}
+
+
+class DatasetError(ValueError):
+    """A dataset root is missing or not in the expected layout."""
+
+
+@dataclass
+class Sample:
+    name: str
+    image: Image.Image
+    label: np.ndarray  # (H, W) uint8 class ids, 255 ignored
+
+
+def resize_crop(image: Image.Image, label: Image.Image, size: int = 320):
+    """Shorter side -> size (bilinear / nearest), then centre crop size x size."""
+    w, h = image.size
+    scale = size / min(w, h)
+    nw, nh = max(size, round(w * scale)), max(size, round(h * scale))
+    image, label = image.resize((nw, nh), Image.BILINEAR), label.resize((nw, nh), Image.NEAREST)
+    left, top = (nw - size) // 2, (nh - size) // 2
+    box = (left, top, left + size, top + size)
+    return image.crop(box), label.crop(box)
+
+
+def _need(path: Path, what: str) -> Path:
+    if not path.exists():
+        raise DatasetError(f"expected {what} at {path}")
+    return path
+
+
+def _pairs(name: str, root: Path) -> list[tuple[str, Path, Path]]:
+    """(id, image path, label path) for the validation split, in a fixed order."""
+    if name in ("cocostuff27", "cocostuff171"):
+        ids = _need(root / COCO_CURATED_VAL, "the curated validation list (STEGO layout)").read_text().split()
+        return [(i, root / "images/val2017" / f"{i}.jpg", root / "annotations/val2017" / f"{i}.png") for i in ids]
+    if name == "ade20k":
+        if (root / "ADEChallengeData2016").is_dir():
+            root = root / "ADEChallengeData2016"
+        imgs = sorted(_need(root / "images/validation", "ADEChallengeData2016 images").glob("*.jpg"))
+        return [(p.stem, p, root / "annotations/validation" / f"{p.stem}.png") for p in imgs]
+    if name == "cityscapes":
+        imgs = sorted(_need(root / "leftImg8bit/val", "Cityscapes leftImg8bit/val").glob("*/*_leftImg8bit.png"))
+        return [(p.name.removesuffix("_leftImg8bit.png"), p,
+                 root / "gtFine/val" / p.parent.name / p.name.replace("_leftImg8bit.png", "_gtFine_labelIds.png"))
+                for p in imgs]
+    if name == "pascal_context59":
+        voc = root / "VOCdevkit/VOC2010" if (root / "VOCdevkit").is_dir() else root
+        ids = _need(voc / "ImageSets/SegmentationContext/val.txt", "the PASCAL-Context val list (mmseg layout)").read_text().split()
+        return [(i, voc / "JPEGImages" / f"{i}.jpg", voc / "SegmentationClassContext" / f"{i}.png") for i in ids]
+    raise DatasetError(f"unknown dataset {name!r}; choose from {', '.join(NUM_CLASSES)}")
+
+
+class SegmentationDataset:
+    """Iterable (and indexable) validation set of one benchmark."""
+
+    def __init__(self, name: str, root: str | Path, limit: int | None = None):
+        self.name, self.root = name, Path(root)
+        if name not in NUM_CLASSES:
+            raise DatasetError(f"unknown dataset {name!r}; choose from {', '.join(NUM_CLASSES)}")
+        _need(self.root, f"the {name} dataset root")
+        self.items = _pairs(name, self.root)[:limit]
+        if not self.items:
+            raise DatasetError(f"no validation images found under {self.root} for {name}")
+        for _, img, lab in self.items[:1]:
+            _need(img, "an image listed in the split")
+            _need(lab, "its label map")
+        self.num_classes = NUM_CLASSES[name]
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, i: int) -> Sample:
+        sid, img_path, lab_path = self.items[i]
+        image = Image.open(_need(img_path, "an image listed in the split")).convert("RGB")
+        label = Image.open(_need(lab_path, "a label map"))
+        if label.mode not in ("L", "P"):
+            raise DatasetError(f"label map {lab_path} must be a single-channel 8-bit PNG, got mode {label.mode}")
+        if label.size != image.size:
+            raise DatasetError(f"label map {lab_path} is {label.size}, its image {image.size}")
+        if self.name in CROP_320:
+            image, label = resize_crop(image, label)
+        return Sample(sid, image, LUTS[self.name][np.asarray(label)])
+
+    def __iter__(self):
+        return (self[i] for i in range(len(self)))

@@ -1,0 +1,175 @@
+"""Unsupervised-segmentation metrics (SPEC section 4).
+
+* `unsupervised_miou`: predicted segment ids carry no class, so they are matched to
+  ground-truth classes by Hungarian assignment (scipy's linear_sum_assignment, maximising
+  overlap). matching="dataset" (STEGO/PiCIE) makes one assignment on the confusion matrix
+  summed over all images; matching="image" (DiffSeg) matches every image separately, which
+  is more lenient: a segment id may mean a different class in every image.
+* `concept_miou`: the paper's modified protocol. Every pixel carries its mask's embedding;
+  the ground-truth pixels of each class are averaged into a concept embedding; each pixel is
+  labelled with its most cosine-similar concept. Concepts per image (default) or per dataset.
+
+Both accumulate statistics image by image (`update`) so a dataset never sits in memory.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+from scipy.optimize import linear_sum_assignment
+
+
+@dataclass
+class MetricResult:
+    miou: float                 # percent, mean over classes present in ground truth or prediction
+    pixel_accuracy: float       # percent of valid (non-ignored) pixels
+    per_class_iou: np.ndarray   # (num_classes,) percent; NaN for classes absent from both
+    assignment: dict            # predicted id -> class (dataset matching); {} otherwise
+
+    def to_dict(self) -> dict:
+        return {"miou": self.miou, "pixel_accuracy": self.pixel_accuracy,
+                "per_class_iou": [None if np.isnan(v) else float(v) for v in self.per_class_iou],
+                "assignment": {int(k): int(v) for k, v in self.assignment.items()}}
+
+
+def confusion(pred: np.ndarray, gt: np.ndarray, num_pred: int, num_classes: int, ignore_index: int = 255) -> np.ndarray:
+    """(num_pred, num_classes) pixel counts; ignore_index pixels skipped."""
+    pred, gt = np.asarray(pred).ravel(), np.asarray(gt).ravel()
+    if pred.shape != gt.shape:
+        raise ValueError(f"prediction and ground truth differ in size: {pred.size} vs {gt.size}")
+    valid = gt != ignore_index
+    pred, gt = pred[valid].astype(np.int64), gt[valid].astype(np.int64)
+    if gt.size and (gt.min() < 0 or gt.max() >= num_classes):
+        raise ValueError(f"ground-truth label {gt.max()} outside [0, {num_classes}) and not ignore_index")
+    if pred.size and (pred.min() < 0 or pred.max() >= num_pred):
+        raise ValueError(f"predicted id outside [0, {num_pred})")
+    return np.bincount(pred * num_classes + gt, minlength=num_pred * num_classes).reshape(num_pred, num_classes)
+
+
+def hungarian(conf: np.ndarray) -> dict:
+    """Predicted id -> class maximising the matched pixels; extra ids stay unmatched."""
+    rows, cols = linear_sum_assignment(conf, maximize=True)
+    return dict(zip(rows.tolist(), cols.tolist()))
+
+
+def _class_scores(tp: np.ndarray, pred_count: np.ndarray, gt_count: np.ndarray) -> MetricResult:
+    union = pred_count + gt_count - tp
+    with np.errstate(invalid="ignore", divide="ignore"):
+        iou = np.where(union > 0, tp / union, np.nan) * 100
+    total = gt_count.sum()
+    return MetricResult(miou=float(np.nanmean(iou)) if np.isfinite(iou).any() else float("nan"),
+                        pixel_accuracy=float(100 * tp.sum() / total) if total else float("nan"),
+                        per_class_iou=iou, assignment={})
+
+
+def _matched_counts(conf: np.ndarray, mapping: dict, num_classes: int):
+    """Per class: true positives and predicted pixels under a segment -> class mapping;
+    pixels of unmatched segments are predicted as no class (they only count as misses)."""
+    tp = np.zeros(num_classes, np.int64)
+    pred_count = np.zeros(num_classes, np.int64)
+    for p, c in mapping.items():
+        tp[c] += conf[p, c]
+        pred_count[c] += conf[p].sum()
+    return tp, pred_count
+
+
+class UnsupervisedMIoU:
+    """Accumulates images; `compute()` matches and scores."""
+
+    def __init__(self, num_classes: int, ignore_index: int = 255, matching: str = "dataset"):
+        if matching not in ("dataset", "image"):
+            raise ValueError(f"matching must be 'dataset' or 'image', got {matching!r}")
+        self.num_classes, self.ignore_index, self.matching = num_classes, ignore_index, matching
+        self.conf = np.zeros((0, num_classes), np.int64)  # grows with the largest predicted id
+        self.tp = np.zeros(num_classes, np.int64)
+        self.pred_count = np.zeros(num_classes, np.int64)
+
+    def update(self, pred: np.ndarray, gt: np.ndarray) -> None:
+        num_pred = max(int(np.max(pred, initial=0)) + 1, self.num_classes)
+        conf = confusion(pred, gt, num_pred, self.num_classes, self.ignore_index)
+        if self.matching == "image":
+            tp, pc = _matched_counts(conf, hungarian(conf), self.num_classes)
+            self.tp += tp
+            self.pred_count += pc
+        if conf.shape[0] > self.conf.shape[0]:
+            self.conf = np.pad(self.conf, ((0, conf.shape[0] - self.conf.shape[0]), (0, 0)))
+        self.conf[: conf.shape[0]] += conf
+
+    def compute(self) -> MetricResult:
+        gt_count = self.conf.sum(0)
+        if self.matching == "image":
+            return _class_scores(self.tp, self.pred_count, gt_count)
+        mapping = hungarian(self.conf)
+        res = _class_scores(*_matched_counts(self.conf, mapping, self.num_classes), gt_count)
+        res.assignment = mapping
+        return res
+
+
+def unsupervised_miou(preds, gts, num_classes: int, ignore_index: int = 255, matching: str = "dataset") -> MetricResult:
+    """mIoU and pixel accuracy of unlabelled segmentations after Hungarian matching."""
+    metric = UnsupervisedMIoU(num_classes, ignore_index, matching)
+    for p, g in zip(preds, gts, strict=True):
+        metric.update(p, g)
+    return metric.compute()
+
+
+def _normalise(x: np.ndarray) -> np.ndarray:
+    return x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
+
+
+def _concepts(class_sums: np.ndarray, class_pixels: np.ndarray):
+    """Classes with pixels, and their unit-norm mean embeddings."""
+    present = np.flatnonzero(class_pixels > 0)
+    return present, _normalise(class_sums[present] / class_pixels[present, None])
+
+
+@dataclass
+class ConceptMIoU:
+    """The paper's modified protocol. Each image is given as (segment labels (H, W), segment
+    embeddings (K, C), ground truth (H, W)): a pixel's embedding is its segment's, so all
+    sums over pixels reduce to sums over segments weighted by the segment/class overlap."""
+
+    num_classes: int
+    ignore_index: int = 255
+    concepts: str = "image"      # "image": concepts from each image; "dataset": one set for all
+    _conf: np.ndarray = field(init=False, repr=False)
+    _sums: np.ndarray | None = field(default=None, init=False, repr=False)
+    _kept: list = field(default_factory=list, init=False, repr=False)
+
+    def __post_init__(self):
+        if self.concepts not in ("image", "dataset"):
+            raise ValueError(f"concepts must be 'image' or 'dataset', got {self.concepts!r}")
+        self._conf = np.zeros((self.num_classes, self.num_classes), np.int64)  # gt x predicted class
+
+    def update(self, labels: np.ndarray, embeddings: np.ndarray, gt: np.ndarray) -> None:
+        emb = np.asarray(embeddings, np.float64)
+        overlap = confusion(labels, gt, emb.shape[0], self.num_classes, self.ignore_index)  # (K, classes)
+        class_sums = overlap.T @ emb  # (classes, C): sum of pixel embeddings per class
+        if self.concepts == "image":
+            present, concepts = _concepts(class_sums, overlap.sum(0))
+            self._assign(overlap, emb, present, concepts)
+        else:  # two passes: concepts need the whole dataset, images are kept as segments only
+            self._sums = class_sums if self._sums is None else self._sums + class_sums
+            self._kept.append((overlap, emb))
+
+    def _assign(self, overlap, emb, present, concepts):
+        """Label every segment (hence its pixels) with its most cosine-similar concept."""
+        if present.size:
+            seg_class = present[np.argmax(_normalise(emb) @ concepts.T, axis=1)]  # (K,)
+            np.add.at(self._conf, (slice(None), seg_class), overlap.T)
+
+    def compute(self) -> MetricResult:
+        if self.concepts == "dataset" and self._kept:
+            present, concepts = _concepts(self._sums, sum(o.sum(0) for o, _ in self._kept))
+            for overlap, emb in self._kept:
+                self._assign(overlap, emb, present, concepts)
+            self._kept = []
+        tp = np.diag(self._conf)
+        return _class_scores(tp, self._conf.sum(0), self._conf.sum(1))
+
+
+def concept_miou(labels, embeddings, gts, num_classes: int, ignore_index: int = 255, concepts: str = "image") -> MetricResult:
+    metric = ConceptMIoU(num_classes, ignore_index, concepts)
+    for lab, emb, gt in zip(labels, embeddings, gts, strict=True):
+        metric.update(lab, emb, gt)
+    return metric.compute()

@@ -1,0 +1,133 @@
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from emerdiff_fast.datasets import DatasetError, SegmentationDataset
+
+RNG = np.random.default_rng(0)
+
+
+def _img(path, w=48, h=40):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(RNG.integers(0, 255, (h, w, 3), dtype=np.uint8)).save(path)
+
+
+def _lab(path, arr):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(arr.astype(np.uint8), "L").save(path)
+
+
+def make_fixture(name, root):
+    """Two validation images in the dataset's real layout, labels in its real id convention."""
+    raw = np.zeros((40, 48), np.uint8)
+    if name.startswith("cocostuff"):
+        raw[:20], raw[20:], raw[0, 0] = 0, 156, 255    # person (fine 0), sky-other (fine 156), unlabeled
+        (root / "curated/val2017").mkdir(parents=True)
+        (root / "curated/val2017/Coco164kFull_Stuff_Coarse_7.txt").write_text("000000000139\n000000000285\n")
+        for i in ("000000000139", "000000000285"):
+            _img(root / f"images/val2017/{i}.jpg")
+            _lab(root / f"annotations/val2017/{i}.png", raw)
+    elif name == "ade20k":
+        raw[:20], raw[20:], raw[0, 0] = 1, 3, 0          # wall (1), sky (3), other (0)
+        base = root / "ADEChallengeData2016"
+        for i in ("ADE_val_00000001", "ADE_val_00000002"):
+            _img(base / f"images/validation/{i}.jpg")
+            _lab(base / f"annotations/validation/{i}.png", raw)
+    elif name == "cityscapes":
+        raw[:20], raw[20:], raw[0, 0] = 7, 26, 3         # road (7), car (26), out of roi (3)
+        for i in ("frankfurt_000000_000294", "lindau_000000_000019"):
+            city = i.split("_")[0]
+            _img(root / f"leftImg8bit/val/{city}/{i}_leftImg8bit.png")
+            _lab(root / f"gtFine/val/{city}/{i}_gtFine_labelIds.png", raw)
+    elif name == "pascal_context59":
+        raw[:20], raw[20:], raw[0, 0] = 1, 59, 0         # first class, last class, background
+        voc = root / "VOCdevkit/VOC2010"
+        (voc / "ImageSets/SegmentationContext").mkdir(parents=True)
+        (voc / "ImageSets/SegmentationContext/val.txt").write_text("2008_000002\n2008_000003\n")
+        for i in ("2008_000002", "2008_000003"):
+            _img(voc / f"JPEGImages/{i}.jpg")
+            _lab(voc / f"SegmentationClassContext/{i}.png", raw)
+    return root
+
+
+EXPECTED = {  # (top class, bottom class) after the standard mapping; pixel (0, 0) ignored
+    "cocostuff27": (9, 23), "cocostuff171": (0, 145), "ade20k": (0, 2), "cityscapes": (0, 19), "pascal_context59": (0, 58),
+}
+
+
+@pytest.mark.parametrize("name", list(EXPECTED))
+def test_reader_on_real_layout(name, tmp_path):
+    ds = SegmentationDataset(name, make_fixture(name, tmp_path))
+    assert len(ds) == 2
+    s = ds[0]
+    top, bottom = EXPECTED[name]
+    if name in ("cocostuff27", "cocostuff171", "cityscapes"):
+        assert s.image.size == (320, 320) and s.label.shape == (320, 320)  # shorter side 320, centre crop
+    else:
+        assert s.image.size == (48, 40) and s.label.shape == (40, 48)
+    h = s.label.shape[0]
+    assert s.label[h // 4, 5] == top and s.label[3 * h // 4, 5] == bottom
+    assert set(np.unique(s.label)) <= {top, bottom, 255}
+    assert ds.num_classes == {"cocostuff27": 27, "cocostuff171": 171, "ade20k": 150, "cityscapes": 27, "pascal_context59": 59}[name]
+
+
+def test_cocostuff_ignores_unlabeled_and_unused_ids():
+    from emerdiff_fast.datasets import LUTS
+
+    assert LUTS["cocostuff27"][255] == 255 and LUTS["cocostuff171"][11] == 255 and LUTS["cocostuff171"][12] == 11
+
+
+@pytest.mark.parametrize("name", list(EXPECTED))
+def test_missing_or_malformed_root(name, tmp_path):
+    with pytest.raises(DatasetError, match="expected"):
+        SegmentationDataset(name, tmp_path / "nowhere")
+    with pytest.raises(DatasetError, match="expected"):
+        SegmentationDataset(name, tmp_path)  # exists but empty
+
+
+def test_eval_end_to_end_with_interruption_and_resume(tmp_path, capsys, monkeypatch):
+    from emerdiff_fast import evaluate
+    from emerdiff_fast.cli import main
+
+    root = make_fixture("ade20k", tmp_path / "ade")
+    args = ["eval", "--dataset", "ade20k", "--root", str(root), "--model", "tiny", "--masks", "3",
+            "--resolution", "64", "--backend", "fast", "--quiet"]
+    assert main(args + ["--out", str(tmp_path / "clean")]) == 0
+    table = capsys.readouterr().out
+    assert "| emerdiff |" in table and "| naive |" in table
+    clean = json.loads((tmp_path / "clean/results.json").read_text())
+    assert clean["images"] == 2 and 0 <= clean["emerdiff"]["traditional"]["miou"] <= 100
+
+    calls = []
+    real = evaluate._predict
+
+    def flaky(seg, sample):
+        if calls:
+            raise KeyboardInterrupt  # interrupted while on the second image
+        calls.append(sample.name)
+        return real(seg, sample)
+
+    monkeypatch.setattr(evaluate, "_predict", flaky)
+    with pytest.raises(KeyboardInterrupt):
+        main(args + ["--out", str(tmp_path / "resumed")])
+    assert len(list((tmp_path / "resumed/cache").glob("*.npz"))) == 1
+    assert not (tmp_path / "resumed/results.json").exists()
+
+    recomputed = []
+    monkeypatch.setattr(evaluate, "_predict", lambda seg, s: recomputed.append(s.name) or real(seg, s))
+    assert main(args + ["--out", str(tmp_path / "resumed")]) == 0
+    assert recomputed == ["ADE_val_00000002"]  # the finished image was not recomputed
+    assert json.loads((tmp_path / "resumed/results.json").read_text()) == clean
+
+    # other settings into the same folder are refused, not mixed
+    assert main(args[:-1] + ["--masks", "4", "--quiet", "--out", str(tmp_path / "resumed")]) == 2
+    assert "other settings" in capsys.readouterr().err
+
+
+def test_eval_bad_root_message(tmp_path, capsys):
+    from emerdiff_fast.cli import main
+
+    assert main(["eval", "--dataset", "cityscapes", "--root", str(tmp_path), "--model", "tiny"]) == 2
+    assert "expected Cityscapes leftImg8bit/val" in capsys.readouterr().err

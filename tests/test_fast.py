@@ -1,0 +1,76 @@
+"""The fast path computes the reference path's function (issue 3's equivalence contract)."""
+import numpy as np
+import pytest
+import torch
+
+from emerdiff_fast import EmerDiff, EmerDiffConfig
+from emerdiff_fast.engine import chunk_plan
+
+from conftest import rel_err
+
+
+def _pair(pipe, cfg, image, **fast_kwargs):
+    ref = EmerDiff(pipe, cfg, backend="reference")(image)
+    fast = EmerDiff(pipe, cfg, backend="fast", **fast_kwargs)(image)
+    return ref, fast
+
+
+@pytest.mark.parametrize("seed, k, res, max_batch, size", [
+    (0, 8, 128, 6, (100, 140)),   # 16 members in chunks of 6: K does not divide the chunk
+    (1, 5, 128, None, (128, 128)),
+    (2, 3, 64, 4, (50, 37)),
+    (3, 4, 128, 2, (90, 90)),     # one +/- pair per chunk
+])
+def test_fast_matches_reference(tiny_pipe, rand_image, seed, k, res, max_batch, size):
+    cfg = EmerDiffConfig(num_masks=k, resolution=res, seed=seed)
+    ref, fast = _pair(tiny_pipe, cfg, rand_image(seed, *size), max_batch=max_batch)
+    assert np.array_equal(fast.low_res_labels, ref.low_res_labels)
+    assert rel_err(fast.difference_maps, ref.difference_maps) < 1e-4
+    assert (fast.labels == ref.labels).mean() >= 0.999
+    assert np.allclose(fast.mask_embeddings, ref.mask_embeddings, atol=1e-5)
+
+
+def test_fast_with_triton_killed_matches(tiny_pipe, rand_image, monkeypatch):
+    cfg = EmerDiffConfig(num_masks=4, resolution=64)
+    with_triton = EmerDiff(tiny_pipe, cfg, backend="fast")(rand_image(5, 64, 64))
+    monkeypatch.setenv("EMERDIFF_DISABLE_TRITON", "1")
+    without = EmerDiff(tiny_pipe, cfg, backend="fast")(rand_image(5, 64, 64))
+    assert rel_err(with_triton.difference_maps, without.difference_maps) < 1e-5
+
+
+def test_batch_of_three_equals_three_calls(tiny_pipe, rand_image):
+    cfg = EmerDiffConfig(num_masks=4, resolution=64)
+    seg = EmerDiff(tiny_pipe, cfg, backend="fast")
+    images = [rand_image(s, 64 + 8 * s, 70) for s in range(3)]
+    together = seg(images)
+    for img, res in zip(images, together):
+        single = EmerDiff(tiny_pipe, cfg, backend="reference")(img)
+        assert res.labels.shape == single.labels.shape
+        assert rel_err(res.difference_maps, single.difference_maps) < 1e-4
+        assert (res.labels == single.labels).mean() >= 0.999
+
+
+def test_chunk_plan_pairs_and_pads():
+    plans = chunk_plan(3, 4)
+    assert plans == [([0, 0, 1, 1], [1, -1, 1, -1]), ([2, 2, 0, 0], [1, -1, 0, 0])]
+    assert chunk_plan(2, 4) == [([0, 0, 1, 1], [1, -1, 1, -1])]
+
+
+def test_compiled_unet_traces_once(tiny_pipe, rand_image):
+    """Static shapes and no tensor-dependent branching: after the first image (one graph
+    with modulation, one without), further chunks and images reuse the compiled graphs."""
+    torch._dynamo.reset()
+    cfg = EmerDiffConfig(num_masks=3, resolution=64)
+    seg = EmerDiff(tiny_pipe, cfg, backend="fast", max_batch=4)
+    seg.unet_call = torch.compile(tiny_pipe.unet, backend="eager", fullgraph=True, dynamic=False)
+    from torch._dynamo.utils import counters
+
+    counters.clear()
+    first = seg(rand_image(0, 64, 64))
+    graphs = counters["stats"]["unique_graphs"]
+    assert graphs >= 1
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        seg(rand_image(1, 64, 64))
+    assert counters["stats"]["unique_graphs"] == graphs
+    eager = EmerDiff(tiny_pipe, cfg, backend="fast", max_batch=4)(rand_image(0, 64, 64))
+    assert rel_err(first.difference_maps, eager.difference_maps) < 1e-5
