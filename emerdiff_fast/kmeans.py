@@ -65,14 +65,15 @@ def lloyd(x: torch.Tensor, centroids: torch.Tensor, max_iter: int, assign: Calla
 
 def kmeans(features: torch.Tensor, k: int, *, restarts: int = 10, max_iter: int = 100, seed: int = 0,
            use_triton: bool = False) -> KMeansResult:
-    """features (B, N, D) -> best of `restarts` runs per problem. Seeded per call; the
+    """features (B, N, D) -> best of `restarts` runs per problem. Seeded per image; the
     generator lives on the features' device, so one device gives one answer."""
     b, n, d = features.shape
     if k > n:
         raise ValueError(f"cannot form {k} clusters from {n} feature vectors")
     x = features.float().repeat_interleave(restarts, 0)  # (B * R, N, D)
-    gen = torch.Generator(device=x.device).manual_seed(seed)
-    init = kmeans_plusplus(x, k, gen)
+    # one generator per image, so an image's clusters do not depend on its batch-mates
+    init = torch.cat([kmeans_plusplus(x[i * restarts:(i + 1) * restarts], k,
+                                      torch.Generator(device=x.device).manual_seed(seed)) for i in range(b)])
     assign, update = ((kernels.kmeans_assign, kernels.kmeans_update) if use_triton
                       else (kernels.kmeans_assign_torch, kernels.kmeans_update_torch))
     res = lloyd(x, init, max_iter, assign, update)

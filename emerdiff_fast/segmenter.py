@@ -88,7 +88,7 @@ class EmerDiff:
     def denoise(self, x: torch.Tensor, state: RunState, sampler, unet=None) -> torch.Tensor:
         """Run the sampler from t_modulate to the end. The loop body has no host sync:
         the Python-level step bookkeeping reads no tensor values."""
-        unet = unet or self.unet
+        unet = self.unet if unet is None else unet
         ctx = self.context.expand(x.shape[0], -1, -1)
         for i in range(len(sampler)):
             state.step = i

@@ -62,3 +62,11 @@ def test_plusplus_picks_distinct_points():
 def test_too_many_clusters():
     with pytest.raises(ValueError, match="cannot form 9 clusters from 8"):
         kmeans(torch.randn(1, 8, 2), 9)
+
+
+def test_batch_members_do_not_influence_each_other():
+    x = torch.randn(3, 40, 6, generator=torch.Generator().manual_seed(4))
+    together = kmeans(x, 5, restarts=3, seed=1)
+    for i in range(3):
+        alone = kmeans(x[i:i + 1], 5, restarts=3, seed=1)
+        assert torch.equal(together.labels[i], alone.labels[0])
