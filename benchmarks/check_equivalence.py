@@ -66,7 +66,7 @@ def main(argv=None) -> int:
         rows.append(row)
         print(json.dumps(row), flush=True)
         del pipe
-    print(f"\n| dtype | rel. L2 error (diff maps) | label agreement | reference s | fast s | pass |")
+    print("\n| dtype | rel. L2 error (diff maps) | label agreement | reference s | fast s | pass |")
     print("| --- | --- | --- | --- | --- | --- |")
     for r in rows:
         print(f"| {r['dtype']} | {r['rel_l2']:.2e} | {100 * r['label_agreement']:.3f}% | {r['reference_s']:.1f} | "

@@ -54,7 +54,10 @@ class EmerDiff:
         if compile and backend == "fast":
             self.compile_mode = "default" if compile is True else compile
             self.unet_call = torch.compile(self.unet, mode=self.compile_mode, dynamic=False)
-        self._fast_state: RunState | None = None  # persistent so compiled graphs are reused
+        # fast path: one RunState and processor set per segmenter (see engine._state), so a
+        # compiled UNet's guards on processor identity keep holding across images
+        self._fast_state: RunState | None = None
+        self._fast_procs: dict | None = None
 
     # ---- shared stages ---------------------------------------------------------------
     def encode(self, pixels: torch.Tensor) -> torch.Tensor:
