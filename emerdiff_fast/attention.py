@@ -101,43 +101,49 @@ class SharedProcessor:
     """Fast path. Member 0 is the unmodulated reference run; its P serves every member.
 
     Self-attention: out_b = P V_b for all b as one product (heads, N, N) x (heads, N, B*d).
-    Cross-attention: with P shared and the text context the same for every member, the
-    output P V_text does not depend on the member at all, so it is computed once and
-    broadcast; at the modulated layer only the per-member c_b * M_{i_b} differs, which the
-    fused modulation kernel adds while broadcasting.
+    Cross-attention (reuse_cross=True): with P shared and the text context the same for
+    every member, the output P V_text does not depend on the member at all, so it is
+    computed once and broadcast; at the modulated layer only the per-member c_b * M_{i_b}
+    differs, which the fused modulation op adds while broadcasting (fused_modulation=True;
+    else the plain PyTorch expression). reuse_cross=False treats cross-attention like
+    self-attention (one V per member): the waterfall benchmark's "before" row.
+    fused_attention=True applies P with the shared_attention op (no permute copies of V).
     """
 
-    def __init__(self, name: str, state: RunState):
+    def __init__(self, name: str, state: RunState, *, reuse_cross: bool = True, fused_modulation: bool = True,
+                 fused_attention: bool = False):
         self.name, self.state = name, state
+        self.reuse_cross, self.fused_modulation, self.fused_attention = reuse_cross, fused_modulation, fused_attention
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, *args, **kwargs):
         _check_supported(attn, attention_mask)
         batch, n, channels = hidden_states.shape
-        h0 = hidden_states[:1]
-        is_cross = encoder_hidden_states is not None
-        ctx0 = _context(attn, h0, None if not is_cross else encoder_hidden_states[:1])
-        probs = shared_probs(attn, attn.to_q(h0), attn.to_k(ctx0))
-        heads = attn.heads
-        if is_cross:
-            v = attn.to_v(ctx0)[0].view(-1, heads, channels // heads).transpose(0, 1)  # (heads, M, d)
+        context = _context(attn, hidden_states, encoder_hidden_states)
+        probs = shared_probs(attn, attn.to_q(hidden_states[:1]), attn.to_k(context[:1]))
+        heads, d = attn.heads, channels // attn.heads
+        st = self.state
+        modulate = self.name == st.modulated_layer and st.modulate_now
+        if encoder_hidden_states is not None and self.reuse_cross:
+            v = attn.to_v(context[:1])[0].view(-1, heads, d).transpose(0, 1)  # (heads, M, d)
             out0 = attn.to_out[0](torch.bmm(probs, v).transpose(0, 1).reshape(n, channels))
-            st = self.state
-            if self.name == st.modulated_layer and st.modulate_now:
+            if modulate:
                 m = st.modulation
-                out = kernels.modulate(out0, m.masks.to(out0.dtype), m.index, m.coef.to(out0.dtype))
+                fn = kernels.modulate if self.fused_modulation else kernels.modulate_torch
+                out = fn(out0, m.masks.to(out0.dtype), m.index, m.coef.to(out0.dtype))
             else:
                 out = out0.expand(batch, n, channels)
         else:
-            d = channels // heads
-            v = attn.to_v(hidden_states).view(batch, n, heads, d).permute(2, 1, 0, 3).reshape(heads, n, batch * d)
-            out = torch.bmm(probs, v).view(heads, n, batch, d).permute(2, 1, 0, 3).reshape(batch, n, channels)
-            out = attn.to_out[0](out)
+            fn = kernels.shared_attention if self.fused_attention else kernels.shared_attention_torch
+            out = attn.to_out[0](fn(probs, attn.to_v(context)))
+            if modulate:
+                m = st.modulation
+                out = out + (m.coef[:, None] * m.masks[m.index]).to(out.dtype)[:, :, None]
         return _finish(attn, attn.to_out[1](out), hidden_states)
 
 
-def make_processors(unet, cls, state: RunState) -> dict:
-    """One `cls(layer_name, state)` per attention layer, keyed as set_attn_processor wants."""
-    return {k: cls(k.removesuffix(".processor"), state) for k in unet.attn_processors}
+def make_processors(unet, cls, state: RunState, **options) -> dict:
+    """One `cls(layer_name, state, **options)` per attention layer, keyed as set_attn_processor wants."""
+    return {k: cls(k.removesuffix(".processor"), state, **options) for k in unet.attn_processors}
 
 
 @contextlib.contextmanager

@@ -32,6 +32,7 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-batch", type=int, default=None, help="fast backend: modulated runs per batch")
     p.add_argument("--compile", default=None, nargs="?", const="default",
                    help="fast backend: torch.compile the UNet (optional mode)")
+    p.add_argument("--channels-last", action="store_true", help="fast backend: NHWC convolutions")
 
 
 def build_segmenter(args):
@@ -42,7 +43,13 @@ def build_segmenter(args):
     backend = args.backend or ("fast" if str(args.device).startswith("cuda") else "reference")
     pipe = load_pipeline(args.model, device=args.device, dtype=DTYPES[args.dtype], random_init=args.random_init,
                          seed=args.seed, config=args.single_file_config)
-    return EmerDiff(pipe, config, backend=backend, compile=args.compile or False, max_batch=args.max_batch)
+    fast_only = {}
+    if args.channels_last:
+        from .engine import FastOptions
+
+        fast_only["options"] = FastOptions(channels_last=True)
+    return EmerDiff(pipe, config, backend=backend, compile=args.compile or False, max_batch=args.max_batch,
+                    **fast_only)
 
 
 def _output_names(paths: list[Path]) -> list[str]:

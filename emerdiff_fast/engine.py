@@ -6,17 +6,41 @@
   member 0, and applies it to all members' V in one product; cross-attention outputs are
   member-independent and computed once (attention.SharedProcessor says why this is exact).
 * Modulation is one fused Triton launch (kernels/modulate.py); k-means runs on the Triton
-  assign/update ops (segmenter.py passes use_triton for this backend).
+  assign/update ops (segmenter.py passes use_triton for this backend). FastOptions turns
+  each technique off for comparison (benchmarks/waterfall.py).
 * Chunks are padded to a fixed size, so every UNet call has the same shape and a compiled
   UNet is traced once; the loop reads no tensor values on the host.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
-from .attention import Modulation, RunState, SharedProcessor, installed, make_processors
+from .attention import Modulation, ReferenceProcessor, RunState, SharedProcessor, installed, make_processors
 from .maps import difference_map
 from .timing import timed
+
+
+@dataclass(frozen=True)
+class FastOptions:
+    """The fast path's techniques, all on by default except channels_last and
+    triton_attention (choice: neither has a GPU measurement yet). benchmarks/waterfall.py
+    switches them on one at a time. Every combination computes the same function
+    (tests/test_fast.py checks each)."""
+
+    share_attention: bool = True        # member 0 is the reference run, its P applied to all
+                                        # (False: record Q/K once, replay into batched runs)
+    reuse_cross_attention: bool = True  # cross-attention output computed once, broadcast
+    triton_modulation: bool = True      # fused modulate op instead of the PyTorch expression
+    triton_kmeans: bool = True          # fused k-means assign/update ops
+    triton_attention: bool = False      # (choice) shared-P attention op: off until GPU-measured
+    channels_last: bool = False         # UNet and VAE convolutions in NHWC (set on the modules)
+
+    def __post_init__(self):
+        if self.reuse_cross_attention and not self.share_attention:
+            raise ValueError("reuse_cross_attention needs share_attention")
+
 
 # Rough activation memory of one extra batch member in a UNet call at 512 px in 16-bit
 # (choice; benchmarks/ measure the real figure). Scales with pixels and element size.
@@ -37,9 +61,13 @@ def _state(seg) -> RunState:
     """One RunState and processor set per segmenter: a compiled UNet guards on processor
     identity, so reinstalling the same objects reuses its graphs across images."""
     if seg._fast_state is None:
+        opts = seg.options
         state = RunState(mode="shared", modulated_layer=seg.config.modulated_layer)
         seg._fast_state = state
-        seg._fast_procs = make_processors(seg.unet, SharedProcessor, state)
+        seg._fast_procs = make_processors(seg.unet, SharedProcessor, state,
+                                          reuse_cross=opts.reuse_cross_attention,
+                                          fused_modulation=opts.triton_modulation,
+                                          fused_attention=opts.triton_attention)
     return seg._fast_state
 
 
@@ -57,12 +85,22 @@ def chunk_plan(num_masks: int, chunk: int) -> list[tuple[list[int], list[int]]]:
     return plans
 
 
+def _decode_pairs(seg, x: torch.Tensor, sign: list[int], decode_batch: int) -> torch.Tensor:
+    """Final latents of (+, -) member pairs (padding members last) -> their difference maps."""
+    n_real = sum(s != 0 for s in sign)
+    lat = x[:n_real]
+    imgs = torch.cat([seg.decode(lat[s:s + decode_batch]) for s in range(0, n_real, decode_batch)])
+    return difference_map(imgs[1::2], imgs[0::2])
+
+
 def difference_maps(seg, x_tm: torch.Tensor, masks: torch.Tensor, sampler, timings: dict) -> torch.Tensor:
     cfg = seg.config
     k = masks.shape[0]
     chunk = seg.max_batch or auto_max_batch(seg, 2 * k)
     chunk = max(2, min(chunk - chunk % 2, 2 * k))
     decode_batch = seg.decode_batch or chunk
+    if not seg.options.share_attention:
+        return _replayed(seg, x_tm, masks, sampler, timings, chunk, decode_batch)
     state = _state(seg)
     out = []
     with installed(seg.unet, seg._fast_procs):
@@ -74,9 +112,25 @@ def difference_maps(seg, x_tm: torch.Tensor, masks: torch.Tensor, sampler, timin
             with timed(timings, "denoise", seg.device):
                 x = seg.denoise(x_tm.expand(chunk + 1, -1, -1, -1), state, sampler, unet=seg.unet_call)
             with timed(timings, "decode", seg.device):
-                n_real = sum(s != 0 for s in sign)
-                lat = x[1:1 + n_real]
-                imgs = torch.cat([seg.decode(lat[s:s + decode_batch]) for s in range(0, n_real, decode_batch)])
-                out.append(difference_map(imgs[1::2], imgs[0::2]))
+                out.append(_decode_pairs(seg, x[1:], sign, decode_batch))
     state.modulation = None
+    return torch.cat(out)
+
+
+def _replayed(seg, x_tm, masks, sampler, timings, chunk, decode_batch) -> torch.Tensor:
+    """Batching alone (share_attention=False): the reference path's record-and-replay
+    processors, with `chunk` modulated runs per denoising batch instead of 2."""
+    state = RunState(mode="record", modulated_layer=seg.config.modulated_layer)
+    out = []
+    with installed(seg.unet, make_processors(seg.unet, ReferenceProcessor, state)):
+        with timed(timings, "denoise", seg.device):
+            seg.denoise(x_tm, state, sampler)
+        state.mode = "inject"
+        for index, sign in chunk_plan(masks.shape[0], chunk):
+            state.modulation = Modulation(masks, torch.tensor(index, device=seg.device),
+                                          torch.tensor(sign, device=seg.device, dtype=torch.float32) * seg.config.lam)
+            with timed(timings, "denoise", seg.device):
+                x = seg.denoise(x_tm.expand(chunk, -1, -1, -1), state, sampler)
+            with timed(timings, "decode", seg.device):
+                out.append(_decode_pairs(seg, x, sign, decode_batch))
     return torch.cat(out)

@@ -9,6 +9,7 @@ import torch
 from . import engine, reference
 from .attention import RunState, find_module
 from .config import ConfigError, EmerDiffConfig
+from .engine import FastOptions
 from .images import load_image, resize_labels, to_model_input
 from .kmeans import kmeans
 from .maps import assign_labels, gaussian_blur, mask_embeddings, masks_from_labels, naive_upsample
@@ -30,14 +31,22 @@ class EmerDiff:
     engine.py) or "naive" (bilinear upsampling of the low-resolution masks).
     Fast-path options: compile (torch.compile the UNet; False or a mode string such as
     "default" / "max-autotune-no-cudagraphs"), max_batch (modulated runs per denoising
-    batch; None = all 2K on CPU, a free-memory estimate on CUDA), decode_batch (VAE batch).
+    batch; None = all 2K on CPU, a free-memory estimate on CUDA), decode_batch (VAE batch),
+    options (engine.FastOptions: switch single techniques off; channels_last=True converts
+    the pipeline's UNet and VAE in place).
     """
 
     def __init__(self, pipe, config: EmerDiffConfig | None = None, backend: str = "reference", *,
                  compile: bool | str = False, max_batch: int | None = None, decode_batch: int | None = None,
-                 progress: bool = False):
+                 options: FastOptions | None = None, progress: bool = False):
         if backend not in BACKENDS:
             raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+        if backend != "fast" and (compile or options is not None):
+            raise ValueError(f"compile and options apply to backend='fast' only, not {backend!r}")
+        self.options = options or FastOptions()
+        if self.options.channels_last:
+            pipe.unet.to(memory_format=torch.channels_last)
+            pipe.vae.to(memory_format=torch.channels_last)
         self.pipe, self.config, self.backend = pipe, config or EmerDiffConfig(), backend
         self.unet, self.vae = pipe.unet, pipe.vae
         self.device, self.dtype = self.unet.device, self.unet.dtype
@@ -126,7 +135,7 @@ class EmerDiff:
             raise FloatingPointError("the feature run produced NaN/inf (try float32 or bfloat16)")
         with timed(timings, "kmeans", self.device):
             km = kmeans(feats, cfg.num_masks, restarts=cfg.kmeans_restarts, max_iter=cfg.kmeans_iterations,
-                        seed=cfg.seed, use_triton=self.backend == "fast")
+                        seed=cfg.seed, use_triton=self.backend == "fast" and self.options.triton_kmeans)
         sampler = build_sampler(self.pipe, cfg, latent_shape, step_noise).to(self.device, torch.float32)
         results = []
         for j, im in enumerate(pil):

@@ -8,6 +8,7 @@ EMERDIFF_DISABLE_TRITON=1 forces the fallback everywhere (the kill switch).
 from ._dispatch import triton_enabled
 from .kmeans_step import kmeans_assign, kmeans_assign_torch, kmeans_update, kmeans_update_torch
 from .modulate import modulate, modulate_torch
+from .shared_attention import shared_attention, shared_attention_torch
 
 __all__ = ["modulate", "modulate_torch", "kmeans_assign", "kmeans_assign_torch", "kmeans_update",
-           "kmeans_update_torch", "triton_enabled"]
+           "kmeans_update_torch", "shared_attention", "shared_attention_torch", "triton_enabled"]

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from emerdiff_fast import EmerDiff, EmerDiffConfig
-from emerdiff_fast.engine import chunk_plan
+from emerdiff_fast.engine import FastOptions, chunk_plan
 
 from conftest import rel_err
 
@@ -28,6 +28,38 @@ def test_fast_matches_reference(tiny_pipe, rand_image, seed, k, res, max_batch, 
     assert rel_err(fast.difference_maps, ref.difference_maps) < 1e-4
     assert (fast.labels == ref.labels).mean() >= 0.999
     assert np.allclose(fast.mask_embeddings, ref.mask_embeddings, atol=1e-5)
+
+
+@pytest.mark.parametrize("options", [
+    FastOptions(share_attention=False, reuse_cross_attention=False),   # batching alone (replay)
+    FastOptions(reuse_cross_attention=False),                          # + shared P, per-member cross-attn
+    FastOptions(triton_modulation=False, triton_kmeans=False),         # plain-PyTorch modulation/k-means
+    FastOptions(triton_attention=True),                                # shared-P attention op
+], ids=["replay", "no-cross-reuse", "no-triton", "triton-attention"])
+def test_every_technique_subset_matches_reference(tiny_pipe, rand_image, options):
+    """The waterfall's intermediate rows compute the same function as the reference path."""
+    cfg = EmerDiffConfig(num_masks=3, resolution=64, seed=4)
+    ref, fast = _pair(tiny_pipe, cfg, rand_image(4, 64, 64), max_batch=4, options=options)
+    assert rel_err(fast.difference_maps, ref.difference_maps) < 1e-4
+    assert (fast.labels == ref.labels).mean() >= 0.999
+
+
+def test_channels_last_matches_reference(rand_image):
+    from emerdiff_fast import load_pipeline
+
+    pipe = load_pipeline("tiny")  # channels_last converts the modules in place: own copy
+    cfg = EmerDiffConfig(num_masks=3, resolution=64, seed=6)
+    ref = EmerDiff(pipe, cfg, backend="reference")(rand_image(6, 64, 64))
+    fast = EmerDiff(pipe, cfg, backend="fast", options=FastOptions(channels_last=True))(rand_image(6, 64, 64))
+    assert pipe.unet.conv_in.weight.is_contiguous(memory_format=torch.channels_last)
+    assert rel_err(fast.difference_maps, ref.difference_maps) < 1e-4
+
+
+def test_options_need_the_fast_backend(tiny_pipe):
+    with pytest.raises(ValueError, match="fast"):
+        EmerDiff(tiny_pipe, EmerDiffConfig(num_masks=3, resolution=64), backend="reference", options=FastOptions())
+    with pytest.raises(ValueError, match="share_attention"):
+        FastOptions(share_attention=False)
 
 
 def test_fast_with_triton_killed_matches(tiny_pipe, rand_image, monkeypatch):

@@ -1,0 +1,30 @@
+"""The measurement helpers the benchmark runner's numbers rest on."""
+import torch
+
+from benchmarks.common import count_flops, floor_flops, peak_memory_gb, reset_peak_memory
+
+
+def test_count_flops_of_a_matmul():
+    a, b = torch.randn(8, 16), torch.randn(16, 4)
+    assert count_flops(lambda: a @ b) == 2 * 8 * 16 * 4
+
+
+def test_floor_composition_and_scaling(tiny_pipe):
+    f64 = floor_flops(tiny_pipe, 64, num_masks=3, n_steps=15)
+    u, dec, enc = (f64[k] * 1e9 for k in ("unet_gflop", "vae_decode_gflop", "vae_encode_gflop"))
+    assert min(u, dec, enc) > 0
+    expected = 2 * 3 * 15 * u + 2 * 3 * dec + 15 * u + u + enc  # SPEC section 3's formula
+    assert abs(f64["floor_tflop"] * 1e12 - expected) <= 1e-6 * expected
+    # convolutions dominate: 4x the pixels is at least ~4x the FLOPs (attention adds more)
+    f128 = floor_flops(tiny_pipe, 128, num_masks=3, n_steps=15)
+    assert 3.9 < f128["unet_gflop"] / f64["unet_gflop"] < 6
+    assert 3.9 < f128["vae_decode_gflop"] / f64["vae_decode_gflop"] < 4.5
+
+
+def test_peak_memory_is_reported_on_cpu():
+    reset_peak_memory("cpu")
+    before = peak_memory_gb("cpu")
+    x = torch.ones(64 * 2 ** 20, dtype=torch.uint8)  # touch 64 MiB
+    x += 1
+    after = peak_memory_gb("cpu")
+    assert before is not None and after >= before + 0.05
