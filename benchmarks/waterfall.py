@@ -207,6 +207,9 @@ def markdown(report: dict) -> str:
              f"VAE decode {report['floor']['vae_decode_gflop']:.1f}, encode {report['floor']['vae_encode_gflop']:.1f} "
              f"GFLOP per call, counted on this model); peak rate {report['peak_tflops']:.3g} TFLOP/s (measured matmul: "
              + ", ".join(f"{k} {v:.3g}" for k, v in report["peak_rates_tflops"].items()) + ").\n",
+             *(["On the CPU the Triton rows run the ops' PyTorch fallbacks (Triton kernels run natively on "
+                "CUDA only), so those rows differ by run-to-run noise; the CPU has no fast bf16 matmul, and "
+                "its peak memory is the process's peak resident set.\n"] if env["device"].startswith("CPU") else []),
              "| technique (cumulative) | s / image (median) | images / h | peak mem GB | MFU | executed TFLOP | "
              "label agreement | chunk | compile s |",
              "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]

@@ -1,7 +1,10 @@
 """The measurement helpers the benchmark runner's numbers rest on."""
+from types import SimpleNamespace
+
+import pytest
 import torch
 
-from benchmarks.common import count_flops, floor_flops, peak_memory_gb, reset_peak_memory
+from benchmarks.common import count_flops, floor_flops, peak_memory_gb, reset_peak_memory, skeleton_path
 
 
 def test_count_flops_of_a_matmul():
@@ -28,3 +31,19 @@ def test_peak_memory_is_reported_on_cpu():
     x += 1
     after = peak_memory_gb("cpu")
     assert before is not None and after >= before + 0.05
+
+
+def test_floor_reproduces_spec_section_3_on_the_real_config():
+    """Counted on SD 2.1-base's real config (meta tensors: shapes only, no weights, seconds):
+    SPEC section 3 lists 803 / 2515 / 1117 GFLOP and ~888 TFLOP per image at K = 30."""
+    root = skeleton_path(None)
+    if not (root / "unet" / "config.json").exists():
+        pytest.skip(f"no SD 2.1-base skeleton at {root} (set EMERDIFF_SKELETONS)")
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+
+    with torch.device("meta"):
+        unet = UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(root, subfolder="unet"))
+        vae = AutoencoderKL.from_config(AutoencoderKL.load_config(root, subfolder="vae"))
+    f = floor_flops(SimpleNamespace(unet=unet, vae=vae), 512, num_masks=30, n_steps=15)
+    assert abs(f["unet_gflop"] - 803) < 5 and abs(f["vae_decode_gflop"] - 2515) < 5
+    assert abs(f["vae_encode_gflop"] - 1117) < 5 and abs(f["floor_tflop"] - 888) < 2
