@@ -2,7 +2,8 @@
 member's values, as the fast path does (attention.SharedProcessor), against the ways it
 could otherwise be computed:
 
-* shared-bmm      - ours: P once, one (heads, N, N) x (heads, N, B*d) product
+* shared-triton   - the same with the shared_attention op (CUDA only): no permute copies
+* shared-bmm      - the fast path's default: P once, one (heads, N, N) x (heads, N, B*d) product
 * shared-compiled - torch.compile of the same expression
 * repeated-P      - the replay path: P materialised once, repeated per member, batched bmm
 * sdpa-per-member - flash/efficient attention per member with member 0's Q and K
@@ -17,6 +18,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from emerdiff_fast.kernels import shared_attention
+
 from ..common import bench_info, reset_peak_memory
 from ..conftest import DEVICE, sync
 
@@ -26,14 +29,22 @@ D = C // HEADS
 DTYPE = torch.bfloat16 if CUDA else torch.float32
 
 
+def _probs(q0, k0):
+    return torch.softmax(torch.bmm(q0, k0.transpose(1, 2)) * D ** -0.5, -1)  # (heads, N, N)
+
+
+def shared_triton(q0, k0, v):
+    return shared_attention(_probs(q0, k0), v)
+
+
 def shared_bmm(q0, k0, v):
-    probs = torch.softmax(torch.bmm(q0, k0.transpose(1, 2)) * D ** -0.5, -1)  # (heads, N, N)
+    probs = _probs(q0, k0)
     vv = v.view(B, N, HEADS, D).permute(2, 1, 0, 3).reshape(HEADS, N, B * D)
     return torch.bmm(probs, vv).view(HEADS, N, B, D).permute(2, 1, 0, 3).reshape(B, N, C)
 
 
 def repeated_p(q0, k0, v):
-    probs = torch.softmax(torch.bmm(q0, k0.transpose(1, 2)) * D ** -0.5, -1).repeat(B, 1, 1)
+    probs = _probs(q0, k0).repeat(B, 1, 1)
     vv = v.view(B, N, HEADS, D).permute(0, 2, 1, 3).reshape(B * HEADS, N, D)
     return torch.bmm(probs, vv).view(B, HEADS, N, D).permute(0, 2, 1, 3).reshape(B, N, C)
 
@@ -45,7 +56,7 @@ def sdpa_per_member(q0, k0, v):
     return F.scaled_dot_product_attention(q, k, vv).transpose(1, 2).reshape(B, N, C)
 
 
-VARIANTS = {"shared-bmm": shared_bmm, "shared-compiled": torch.compile(shared_bmm),
+VARIANTS = {**({"shared-triton": shared_triton} if CUDA else {}), "shared-bmm": shared_bmm, "shared-compiled": torch.compile(shared_bmm),
             "repeated-P": repeated_p, "sdpa-per-member": sdpa_per_member}
 
 
