@@ -42,6 +42,11 @@ class FastOptions:
             raise ValueError("reuse_cross_attention needs share_attention")
 
 
+# VAE decodes per call (choice). One 512 px decode is ~2.5 TFLOP, enough to fill a GPU at
+# batch 1, while its activations (~0.5 GB per image in 16-bit, estimated) grow with the
+# batch: decoding a 60-member chunk at once would need ~30 GB for no expected speed-up.
+DEFAULT_DECODE_BATCH = 8
+
 # Rough activation memory of one extra batch member in a UNet call at 512 px in 16-bit
 # (choice; benchmarks/ measure the real figure). Scales with pixels and element size.
 _MEMBER_BYTES_512_16BIT = 0.6e9
@@ -98,7 +103,7 @@ def difference_maps(seg, x_tm: torch.Tensor, masks: torch.Tensor, sampler, timin
     k = masks.shape[0]
     chunk = seg.max_batch or auto_max_batch(seg, 2 * k)
     chunk = max(2, min(chunk - chunk % 2, 2 * k))
-    decode_batch = seg.decode_batch or chunk
+    decode_batch = seg.decode_batch or min(chunk, DEFAULT_DECODE_BATCH)
     if not seg.options.share_attention:
         return _replayed(seg, x_tm, masks, sampler, timings, chunk, decode_batch)
     state = _state(seg)

@@ -31,7 +31,8 @@ class EmerDiff:
     engine.py) or "naive" (bilinear upsampling of the low-resolution masks).
     Fast-path options: compile (torch.compile the UNet; False or a mode string such as
     "default" / "max-autotune-no-cudagraphs"), max_batch (modulated runs per denoising
-    batch; None = all 2K on CPU, a free-memory estimate on CUDA), decode_batch (VAE batch),
+    batch; None = all 2K on CPU, a free-memory estimate on CUDA), decode_batch (images per
+    VAE decode call; None = min(chunk, 8)),
     options (engine.FastOptions: switch single techniques off; channels_last=True converts
     the pipeline's UNet and VAE in place).
     """
@@ -54,6 +55,8 @@ class EmerDiff:
             find_module(self.unet, getattr(self.config, field))
         if max_batch is not None and max_batch < 2:
             raise ValueError(f"max_batch must be at least 2 (one +/- pair), got {max_batch}")
+        if decode_batch is not None and decode_batch < 1:
+            raise ValueError(f"decode_batch must be at least 1, got {decode_batch}")
         self.max_batch, self.decode_batch, self.progress = max_batch, decode_batch, progress
         with torch.inference_mode():
             # empty prompt, no classifier-free guidance (SPEC 1.2)

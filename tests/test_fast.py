@@ -55,6 +55,16 @@ def test_channels_last_matches_reference(rand_image):
     assert rel_err(fast.difference_maps, ref.difference_maps) < 1e-4
 
 
+def test_decode_batch_splitting_pairs_changes_nothing(tiny_pipe, rand_image):
+    """Decoding in slices that cut a (+, -) pair apart gives the same maps."""
+    cfg = EmerDiffConfig(num_masks=3, resolution=64, seed=7)
+    whole = EmerDiff(tiny_pipe, cfg, backend="fast", decode_batch=6)(rand_image(7, 64, 64))
+    sliced = EmerDiff(tiny_pipe, cfg, backend="fast", decode_batch=3)(rand_image(7, 64, 64))
+    assert rel_err(sliced.difference_maps, whole.difference_maps) < 1e-4
+    with pytest.raises(ValueError, match="decode_batch"):
+        EmerDiff(tiny_pipe, cfg, backend="fast", decode_batch=0)
+
+
 def test_options_need_the_fast_backend(tiny_pipe):
     with pytest.raises(ValueError, match="fast"):
         EmerDiff(tiny_pipe, EmerDiffConfig(num_masks=3, resolution=64), backend="reference", options=FastOptions())
