@@ -113,6 +113,20 @@ class Bench:
         return EmerDiff(self.pipe, self.config, backend="fast", options=step.options,
                         compile=step.compile, max_batch=step.max_batch)
 
+    def run_fitting(self, step: Step, rounds: int) -> Row:
+        """run(), halving the chunk after an out-of-memory error (the replayed-P row keeps a
+        per-member copy of every probability matrix, so it fits fewer members)."""
+        while True:
+            try:
+                return self.run(step, rounds)
+            except torch.OutOfMemoryError:
+                torch.cuda.empty_cache()
+                chunk = step.max_batch or _auto_chunk(self.segmenter(step))
+                if step.backend != "fast" or chunk <= 2:
+                    raise
+                step = replace(step, max_batch=max(2, chunk // 2))
+                print(f"{step.name}: out of memory, retrying with chunk {step.max_batch}", flush=True)
+
     def run(self, step: Step, rounds: int) -> Row:
         seg = self.segmenter(step)
         t0 = time.perf_counter()
@@ -263,7 +277,7 @@ def main(argv=None) -> int:
     for step in steps():
         if step.name in args.skip:
             continue
-        rows.append(bench.run(step, args.rounds))
+        rows.append(bench.run_fitting(step, args.rounds))
         last = step
         print(json.dumps(asdict(rows[-1])), flush=True)
 
@@ -274,8 +288,8 @@ def main(argv=None) -> int:
     fitting = [q for q in sweep["points"] if not q.get("oom")]
     best = min(fitting, key=lambda q: q["median_s_per_image"])["chunk"]
     if "+ chunk size" not in args.skip:
-        rows.append(bench.run(replace(last, name=f"+ chunk size {best} (fastest in the sweep)", max_batch=best),
-                              args.rounds))
+        rows.append(bench.run_fitting(replace(last, name=f"+ chunk size {best} (fastest in the sweep)",
+                                              max_batch=best), args.rounds))
         print(json.dumps(asdict(rows[-1])), flush=True)
     profile = None if args.no_profile else bench.profile_step(last, best)
     if profile:
