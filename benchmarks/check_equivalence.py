@@ -54,7 +54,13 @@ def compare(pipe, cfg, image, floor: bool = True, max_batch: int | None = None) 
         from emerdiff_fast.engine import auto_max_batch
 
         chunk = max_batch or auto_max_batch(fast_seg, 2 * cfg.num_masks)
-        replay = EmerDiff(pipe, cfg, backend="fast", options=REPLAY, max_batch=chunk)(image)
+        try:
+            replay = EmerDiff(pipe, cfg, backend="fast", options=REPLAY, max_batch=chunk)(image)
+        except torch.OutOfMemoryError:  # replay keeps P per member: fewer members fit
+            torch.cuda.empty_cache()
+            chunk = min(chunk, 8)
+            replay = EmerDiff(pipe, cfg, backend="fast", options=REPLAY, max_batch=chunk)(image)
+        row["floor_chunk"] = chunk
         row["floor_rel_l2"] = _rel_l2(replay.difference_maps, ref.difference_maps)
         row["floor_label_agreement"] = float((replay.labels == ref.labels).mean())
     return row
