@@ -9,10 +9,10 @@ import pytest
 import torch
 
 from emerdiff_fast import EmerDiff, EmerDiffConfig
-from emerdiff_fast.attention import Modulation, installed
+from emerdiff_fast.attention import installed
 from emerdiff_fast.engine import _state
 
-from .common import environment, peak_memory_gb, reset_peak_memory
+from .common import demo_modulation, environment, peak_memory_gb, reset_peak_memory
 from .conftest import DEVICE, FULL, bench_pipe, sync
 
 K = 30
@@ -41,12 +41,8 @@ def test_unet_step(benchmark, seg, attention):
     x = _latents(seg, batch)
     t = torch.tensor(seg.config.t_modulate, device=seg.device)
     ctx = seg.context.expand(batch, -1, -1)
-    side = RESOLUTION // 32
-    masks = (torch.arange(side * side, device=seg.device)[None] % K == torch.arange(K, device=seg.device)[:, None]).float()
     state = _state(seg)
-    state.modulation = Modulation(masks, torch.arange(batch, device=seg.device) // 2 % K,
-                                  torch.tensor([0.0] + [10.0, -10.0] * K, device=seg.device)[:batch])
-    state.step, state.modulate_now = 0, True
+    state.modulation, state.step, state.modulate_now = demo_modulation(seg, batch), 0, True
     procs = seg._fast_procs if attention == "shared-P" else seg.unet.attn_processors
     with installed(seg.unet, procs):
         step = lambda: (seg.unet(x, t, encoder_hidden_states=ctx), sync())  # noqa: E731

@@ -10,6 +10,8 @@ from pathlib import Path
 
 import torch
 
+from emerdiff_fast.attention import Modulation
+
 DEFAULT_SKELETON = Path(__file__).resolve().parents[1].parent / "shared" / "model-skeletons" / "sd21-base"
 
 
@@ -19,6 +21,16 @@ def skeleton_path(arg: str | None) -> Path:
         return Path(arg)
     env = os.environ.get("EMERDIFF_SKELETONS")
     return Path(env) / "sd21-base" if env else DEFAULT_SKELETON
+
+
+def bench_pipeline(full: bool, device, dtype=torch.float32, skeleton: str | None = None):
+    """The full-size random-init SD 2.1-base from a skeleton folder, or (full=False) the
+    built-in tiny model."""
+    from emerdiff_fast import load_pipeline
+
+    if full:
+        return load_pipeline(skeleton_path(skeleton), random_init=True, device=device, dtype=dtype)
+    return load_pipeline("tiny", device=device, dtype=dtype)
 
 
 def test_image() -> torch.Tensor:
@@ -124,12 +136,23 @@ def peak_matmul_tflops(device) -> dict[str, float]:
     return rates
 
 
-def count_flops(fn) -> int:
+def count_flops(fn) -> tuple[int, object]:
+    """(FLOPs that fn() ran, its return value)."""
     from torch.utils.flop_counter import FlopCounterMode
 
     with FlopCounterMode(display=False) as mode:
-        fn()
-    return mode.get_total_flops()
+        out = fn()
+    return mode.get_total_flops(), out
+
+
+def demo_modulation(seg, batch: int) -> Modulation:
+    """Modulation for a fast-path UNet batch of `batch` members (member 0 the reference):
+    K masks tiling the feature grid, members cycling (mask i, +lam), (mask i, -lam)."""
+    k, dev = seg.config.num_masks, seg.device
+    pos = torch.arange((seg.config.resolution // 32) ** 2, device=dev)
+    masks = (pos[None] % k == torch.arange(k, device=dev)[:, None]).float()
+    coef = torch.tensor([0.0] + [seg.config.lam * (-1) ** i for i in range(batch - 1)], device=dev)
+    return Modulation(masks, torch.arange(batch, device=dev) // 2 % k, coef)
 
 
 @torch.inference_mode()
@@ -149,11 +172,11 @@ def floor_flops(pipe, resolution: int, num_masks: int, n_steps: int) -> dict[str
     original = unet.attn_processors
     unet.set_attn_processor(AttnProcessor())
     try:
-        u = count_flops(lambda: unet(x, 281, encoder_hidden_states=ctx))
+        u, _ = count_flops(lambda: unet(x, 281, encoder_hidden_states=ctx))
     finally:
         unet.set_attn_processor(original)
-    dec = count_flops(lambda: vae.decode(x[:, :vae.config.latent_channels]))
-    enc = count_flops(lambda: vae.encode(img))
+    dec, _ = count_flops(lambda: vae.decode(x[:, :vae.config.latent_channels]))
+    enc, _ = count_flops(lambda: vae.encode(img))
     two_k = 2 * num_masks
     total = two_k * n_steps * u + two_k * dec + n_steps * u + u + enc
     return {"unet_gflop": u / 1e9, "vae_decode_gflop": dec / 1e9, "vae_encode_gflop": enc / 1e9,

@@ -15,14 +15,9 @@ def sync():
 def bench_pipe():
     """The tiny model in fp32, or with EMERDIFF_BENCH_FULL=1 the random-init SD 2.1-base
     skeleton (bf16 on CUDA)."""
-    from emerdiff_fast import load_pipeline
+    from .common import bench_pipeline
 
-    from .common import skeleton_path
-
-    if FULL:
-        return load_pipeline(skeleton_path(None), random_init=True, device=DEVICE,
-                             dtype=torch.bfloat16 if DEVICE == "cuda" else torch.float32)
-    return load_pipeline("tiny", device=DEVICE)
+    return bench_pipeline(FULL, DEVICE, torch.bfloat16 if FULL and DEVICE == "cuda" else torch.float32)
 
 
 def variants(triton_fn, torch_fn):

@@ -29,13 +29,13 @@ from pathlib import Path
 
 import torch
 
-from emerdiff_fast import EmerDiff, EmerDiffConfig, load_pipeline
-from emerdiff_fast.attention import Modulation, installed
-from emerdiff_fast.engine import FastOptions, _state
+from emerdiff_fast import EmerDiff, EmerDiffConfig
+from emerdiff_fast.attention import installed
+from emerdiff_fast.engine import FastOptions, _state, chunk_size
 from emerdiff_fast.schedule import make_scheduler, modulation_timesteps
 
-from .common import (count_flops, environment, floor_flops, peak_matmul_tflops, peak_memory_gb,
-                     reset_peak_memory, skeleton_path, test_image, time_calls)
+from .common import (bench_pipeline, count_flops, demo_modulation, environment, floor_flops, peak_matmul_tflops,
+                     peak_memory_gb, reset_peak_memory, skeleton_path, test_image, time_calls)
 
 HERE = Path(__file__).parent
 NO_TECHNIQUE = FastOptions(share_attention=False, reuse_cross_attention=False, triton_modulation=False,
@@ -88,7 +88,7 @@ class Bench:
         self.device = torch.device(args.device)
         self.image = test_image()
         self.config = EmerDiffConfig(num_masks=args.masks, resolution=args.resolution)
-        self.pipe = self._load(torch.float32)
+        self.pipe = bench_pipeline(args.full, self.device, torch.float32, args.skeleton)
         self.pipe_dtype = "float32"
         self.channels_last = False
         sched = make_scheduler(self.pipe, self.config.sampler, self.config.num_inference_steps)
@@ -97,11 +97,6 @@ class Bench:
         self.peak_rates = peak_matmul_tflops(self.device)
         self.peak_tflops = args.peak_tflops or max(self.peak_rates.values())
         self.reference_labels = None
-
-    def _load(self, dtype):
-        if self.args.full:
-            return load_pipeline(skeleton_path(self.args.skeleton), random_init=True, device=self.device, dtype=dtype)
-        return load_pipeline("tiny", device=self.device, dtype=dtype)
 
     def segmenter(self, step: Step) -> EmerDiff:
         if step.dtype != self.pipe_dtype:  # convert in place: one copy of the weights at a time
@@ -121,7 +116,7 @@ class Bench:
                 return self.run(step, rounds)
             except torch.OutOfMemoryError:
                 torch.cuda.empty_cache()
-                chunk = step.max_batch or _auto_chunk(self.segmenter(step))
+                chunk = chunk_size(self.segmenter(step))
                 if step.backend != "fast" or chunk <= 2:
                     raise
                 step = replace(step, max_batch=max(2, chunk // 2))
@@ -130,20 +125,18 @@ class Bench:
     def run(self, step: Step, rounds: int) -> Row:
         seg = self.segmenter(step)
         t0 = time.perf_counter()
-        if step.compile:
-            result = seg(self.image)
-            executed = None
+        if step.compile:  # FLOPs are counted in eager rows only
+            result, executed = seg(self.image), None
         else:
-            box = {}
-            executed = count_flops(lambda: box.setdefault("r", seg(self.image))) / 1e12
-            result = box["r"]
+            flops, result = count_flops(lambda: seg(self.image))
+            executed = flops / 1e12
         warm_s = time.perf_counter() - t0
         reset_peak_memory(self.device)
         times = time_calls(lambda: seg(self.image), self.device, rounds)
         median = statistics.median(times)
         if self.reference_labels is None:
             self.reference_labels = result.labels
-        chunk = None if step.backend != "fast" else (step.max_batch or _auto_chunk(seg))
+        chunk = chunk_size(seg) if step.backend == "fast" else None
         return Row(name=step.name, median_s_per_image=median, images_per_hour=3600 / median,
                    peak_mem_gb=peak_memory_gb(self.device),
                    mfu=self.floor["floor_tflop"] / (median * self.peak_tflops),
@@ -180,16 +173,12 @@ class Bench:
         cfg, dev = self.config, self.device
         lat = cfg.resolution // 8
         state = _state(seg)
-        masks = torch.zeros(cfg.num_masks, (cfg.resolution // 32) ** 2, device=dev)
-        masks[torch.arange(masks.shape[1], device=dev) % cfg.num_masks, torch.arange(masks.shape[1], device=dev)] = 1
-        index = torch.arange(chunk + 1, device=dev) // 2 % cfg.num_masks
-        coef = torch.tensor([0.0] + [cfg.lam * (-1) ** i for i in range(chunk)], device=dev)
         x = torch.randn(chunk + 1, seg.unet.config.in_channels, lat, lat, device=dev, dtype=seg.dtype)
         ctx = seg.context.expand(chunk + 1, -1, -1)
         t = torch.tensor(cfg.t_modulate, device=dev)
         activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if dev.type == "cuda" else [])
         with installed(seg.unet, seg._fast_procs):
-            state.modulation, state.step, state.modulate_now = Modulation(masks, index, coef), 0, True
+            state.modulation, state.step, state.modulate_now = demo_modulation(seg, chunk + 1), 0, True
             for _ in range(2):  # warm-up
                 seg.unet(x, t, encoder_hidden_states=ctx)
             with profile(activities=activities) as prof:
@@ -199,13 +188,6 @@ class Bench:
             state.modulation = None
         key = "self_cuda_time_total" if dev.type == "cuda" else "self_cpu_time_total"
         return prof.key_averages().table(sort_by=key, row_limit=top)
-
-
-def _auto_chunk(seg) -> int:
-    from emerdiff_fast.engine import auto_max_batch
-
-    k = seg.config.num_masks
-    return max(2, min(auto_max_batch(seg, 2 * k), 2 * k))
 
 
 def _fmt(v, spec):

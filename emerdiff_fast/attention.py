@@ -51,6 +51,11 @@ class Modulation:
     coef: torch.Tensor   # (B,) float: +lam, -lam, or 0 (the reference member, padding)
 
 
+def modulation_term(m: Modulation, dtype) -> torch.Tensor:
+    """(B, N, 1): what the modulated layer's output gains, c_b * M_{i_b} per position."""
+    return (m.coef[:, None] * m.masks[m.index]).to(dtype)[:, :, None]
+
+
 @dataclass
 class RunState:
     """Shared by all processors of one denoising run; the engine moves `step` along."""
@@ -86,8 +91,7 @@ class ReferenceProcessor:
             probs = probs.repeat(batch, 1, 1)
         out = attn.to_out[1](attn.to_out[0](attn.batch_to_head_dim(torch.bmm(probs, v))))
         if self.name == st.modulated_layer and st.modulate_now:
-            m = st.modulation
-            out = out + (m.coef[:, None] * m.masks[m.index]).to(out.dtype)[:, :, None]
+            out = out + modulation_term(st.modulation, out.dtype)
         return _finish(attn, out, hidden_states)
 
 
@@ -136,8 +140,7 @@ class SharedProcessor:
             fn = kernels.shared_attention if self.fused_attention else kernels.shared_attention_torch
             out = attn.to_out[0](fn(probs, attn.to_v(context)))
             if modulate:
-                m = st.modulation
-                out = out + (m.coef[:, None] * m.masks[m.index]).to(out.dtype)[:, :, None]
+                out = out + modulation_term(st.modulation, out.dtype)
         return _finish(attn, attn.to_out[1](out), hidden_states)
 
 

@@ -36,20 +36,16 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
 
 
 def build_segmenter(args):
-    from . import EmerDiff, EmerDiffConfig, load_pipeline
+    from . import EmerDiff, EmerDiffConfig, FastOptions, load_pipeline
 
     config = EmerDiffConfig(num_masks=args.masks, lam=args.lam, seed=args.seed, resolution=args.resolution,
                             sampler=args.sampler)
     backend = args.backend or ("fast" if str(args.device).startswith("cuda") else "reference")
     pipe = load_pipeline(args.model, device=args.device, dtype=DTYPES[args.dtype], random_init=args.random_init,
                          seed=args.seed, config=args.single_file_config)
-    fast_only = {}
-    if args.channels_last:
-        from .engine import FastOptions
-
-        fast_only["options"] = FastOptions(channels_last=True)
+    options = FastOptions(channels_last=True) if args.channels_last else None
     return EmerDiff(pipe, config, backend=backend, compile=args.compile or False, max_batch=args.max_batch,
-                    **fast_only)
+                    options=options)
 
 
 def _output_names(paths: list[Path]) -> list[str]:

@@ -17,8 +17,9 @@ from dataclasses import dataclass
 
 import torch
 
-from .attention import Modulation, ReferenceProcessor, RunState, SharedProcessor, installed, make_processors
-from .maps import difference_map
+from . import reference
+from .attention import Modulation, RunState, SharedProcessor, installed, make_processors
+from .reference import chunk_plan, decode_pairs
 from .timing import timed
 
 
@@ -76,36 +77,20 @@ def _state(seg) -> RunState:
     return seg._fast_state
 
 
-def chunk_plan(num_masks: int, chunk: int) -> list[tuple[list[int], list[int]]]:
-    """Members ordered (mask 0, +), (mask 0, -), (mask 1, +), ...; split into chunks of
-    `chunk` (even), the last padded with mask 0 at coefficient 0. Returns per chunk the mask
-    index and the sign (+1, -1, or 0 for padding) of each member."""
-    idx = [i for i in range(num_masks) for _ in (0, 1)]
-    sign = [s for _ in range(num_masks) for s in (1, -1)]
-    plans = []
-    for start in range(0, len(idx), chunk):
-        ci, cs = idx[start:start + chunk], sign[start:start + chunk]
-        pad = chunk - len(ci)
-        plans.append((ci + [0] * pad, cs + [0] * pad))
-    return plans
-
-
-def _decode_pairs(seg, x: torch.Tensor, sign: list[int], decode_batch: int) -> torch.Tensor:
-    """Final latents of (+, -) member pairs (padding members last) -> their difference maps."""
-    n_real = sum(s != 0 for s in sign)
-    lat = x[:n_real]
-    imgs = torch.cat([seg.decode(lat[s:s + decode_batch]) for s in range(0, n_real, decode_batch)])
-    return difference_map(imgs[1::2], imgs[0::2])
+def chunk_size(seg) -> int:
+    """Modulated runs per denoising batch: max_batch, else auto_max_batch; even, in [2, 2K]."""
+    two_k = 2 * seg.config.num_masks
+    chunk = seg.max_batch or auto_max_batch(seg, two_k)
+    return max(2, min(chunk - chunk % 2, two_k))
 
 
 def difference_maps(seg, x_tm: torch.Tensor, masks: torch.Tensor, sampler, timings: dict) -> torch.Tensor:
     cfg = seg.config
     k = masks.shape[0]
-    chunk = seg.max_batch or auto_max_batch(seg, 2 * k)
-    chunk = max(2, min(chunk - chunk % 2, 2 * k))
+    chunk = chunk_size(seg)
     decode_batch = seg.decode_batch or min(chunk, DEFAULT_DECODE_BATCH)
-    if not seg.options.share_attention:
-        return _replayed(seg, x_tm, masks, sampler, timings, chunk, decode_batch)
+    if not seg.options.share_attention:  # batching alone: the reference algorithm, wider batches
+        return reference.difference_maps(seg, x_tm, masks, sampler, timings, chunk, decode_batch)
     state = _state(seg)
     out = []
     with installed(seg.unet, seg._fast_procs):
@@ -117,25 +102,6 @@ def difference_maps(seg, x_tm: torch.Tensor, masks: torch.Tensor, sampler, timin
             with timed(timings, "denoise", seg.device):
                 x = seg.denoise(x_tm.expand(chunk + 1, -1, -1, -1), state, sampler, unet=seg.unet_call)
             with timed(timings, "decode", seg.device):
-                out.append(_decode_pairs(seg, x[1:], sign, decode_batch))
+                out.append(decode_pairs(seg, x[1:], sign, decode_batch))
     state.modulation = None
-    return torch.cat(out)
-
-
-def _replayed(seg, x_tm, masks, sampler, timings, chunk, decode_batch) -> torch.Tensor:
-    """Batching alone (share_attention=False): the reference path's record-and-replay
-    processors, with `chunk` modulated runs per denoising batch instead of 2."""
-    state = RunState(mode="record", modulated_layer=seg.config.modulated_layer)
-    out = []
-    with installed(seg.unet, make_processors(seg.unet, ReferenceProcessor, state)):
-        with timed(timings, "denoise", seg.device):
-            seg.denoise(x_tm, state, sampler)
-        state.mode = "inject"
-        for index, sign in chunk_plan(masks.shape[0], chunk):
-            state.modulation = Modulation(masks, torch.tensor(index, device=seg.device),
-                                          torch.tensor(sign, device=seg.device, dtype=torch.float32) * seg.config.lam)
-            with timed(timings, "denoise", seg.device):
-                x = seg.denoise(x_tm.expand(chunk, -1, -1, -1), state, sampler)
-            with timed(timings, "decode", seg.device):
-                out.append(_decode_pairs(seg, x, sign, decode_batch))
     return torch.cat(out)

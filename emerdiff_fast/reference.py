@@ -15,31 +15,44 @@ from .maps import difference_map
 from .timing import timed
 
 
-def reference_and_modulated(seg, x_tm: torch.Tensor, masks: torch.Tensor, sampler, timings: dict):
-    """Yields (i, final latents of [+lam, -lam] for mask i), after the reference run whose
-    final latent is yielded first as (-1, latent)."""
-    cfg = seg.config
-    state = RunState(mode="record", modulated_layer=cfg.modulated_layer)
+def chunk_plan(num_masks: int, chunk: int) -> list[tuple[list[int], list[int]]]:
+    """Members ordered (mask 0, +), (mask 0, -), (mask 1, +), ...; split into chunks of
+    `chunk` (even), the last padded with mask 0 at coefficient 0. Returns per chunk the mask
+    index and the sign (+1, -1, or 0 for padding) of each member."""
+    idx = [i for i in range(num_masks) for _ in (0, 1)]
+    sign = [s for _ in range(num_masks) for s in (1, -1)]
+    plans = []
+    for start in range(0, len(idx), chunk):
+        ci, cs = idx[start:start + chunk], sign[start:start + chunk]
+        pad = chunk - len(ci)
+        plans.append((ci + [0] * pad, cs + [0] * pad))
+    return plans
+
+
+def decode_pairs(seg, x: torch.Tensor, sign: list[int], decode_batch: int) -> torch.Tensor:
+    """Final latents of (+, -) member pairs (padding members last) -> their difference maps."""
+    n_real = sum(s != 0 for s in sign)
+    lat = x[:n_real]
+    imgs = torch.cat([seg.decode(lat[s:s + decode_batch]) for s in range(0, n_real, decode_batch)])
+    return difference_map(imgs[1::2], imgs[0::2])
+
+
+def difference_maps(seg, x_tm: torch.Tensor, masks: torch.Tensor, sampler, timings: dict,
+                    chunk: int = 2, decode_batch: int = 2) -> torch.Tensor:
+    """(K, R, R) float32: ||I- - I+||_2 over RGB for each mask. `chunk` modulated runs share
+    a denoising batch: 2 (each mask's +/- pair) is the reference path; the fast backend's
+    batching-only mode (FastOptions(share_attention=False)) passes more."""
+    state = RunState(mode="record", modulated_layer=seg.config.modulated_layer)
+    out = []
     with installed(seg.unet, make_processors(seg.unet, ReferenceProcessor, state)):
         with timed(timings, "denoise", seg.device):
-            ref = seg.denoise(x_tm, state, sampler)
-        yield -1, ref
+            seg.denoise(x_tm, state, sampler)  # the reference run records Q and K
         state.mode = "inject"
-        coef = torch.tensor([cfg.lam, -cfg.lam], device=seg.device)
-        for i in range(masks.shape[0]):
-            state.modulation = Modulation(masks, torch.tensor([i, i], device=seg.device), coef)
+        for index, sign in chunk_plan(masks.shape[0], chunk):
+            state.modulation = Modulation(masks, torch.tensor(index, device=seg.device),
+                                          torch.tensor(sign, device=seg.device, dtype=torch.float32) * seg.config.lam)
             with timed(timings, "denoise", seg.device):
-                x = seg.denoise(x_tm.expand(2, -1, -1, -1), state, sampler)
-            yield i, x
-
-
-def difference_maps(seg, x_tm: torch.Tensor, masks: torch.Tensor, sampler, timings: dict) -> torch.Tensor:
-    """(K, R, R) float32: ||I- - I+||_2 over RGB for each mask."""
-    out = []
-    for i, latents in reference_and_modulated(seg, x_tm, masks, sampler, timings):
-        if i < 0:
-            continue
-        with timed(timings, "decode", seg.device):
-            img = seg.decode(latents)
-            out.append(difference_map(img[1:2], img[0:1]))
+                x = seg.denoise(x_tm.expand(chunk, -1, -1, -1), state, sampler)
+            with timed(timings, "decode", seg.device):
+                out.append(decode_pairs(seg, x, sign, decode_batch))
     return torch.cat(out)

@@ -9,7 +9,8 @@ from benchmarks.common import count_flops, floor_flops, peak_memory_gb, reset_pe
 
 def test_count_flops_of_a_matmul():
     a, b = torch.randn(8, 16), torch.randn(16, 4)
-    assert count_flops(lambda: a @ b) == 2 * 8 * 16 * 4
+    flops, out = count_flops(lambda: a @ b)
+    assert flops == 2 * 8 * 16 * 4 and out.shape == (8, 4)
 
 
 def test_floor_composition_and_scaling(tiny_pipe):
