@@ -32,7 +32,7 @@ import torch
 from emerdiff_fast import EmerDiff, EmerDiffConfig
 from emerdiff_fast.attention import installed
 from emerdiff_fast.engine import FastOptions, _state, chunk_size
-from emerdiff_fast.schedule import make_scheduler, modulation_timesteps
+from emerdiff_fast.sampling import ReverseSchedule
 
 from .common import (bench_pipeline, count_flops, demo_modulation, environment, floor_flops, peak_matmul_tflops,
                      peak_memory_gb, reset_peak_memory, skeleton_path, test_image, time_calls)
@@ -91,8 +91,7 @@ class Bench:
         self.pipe = bench_pipeline(args.full, self.device, torch.float32, args.skeleton)
         self.pipe_dtype = "float32"
         self.channels_last = False
-        sched = make_scheduler(self.pipe, self.config.sampler, self.config.num_inference_steps)
-        self.n_steps = len(modulation_timesteps(sched, self.config))
+        self.n_steps = len(ReverseSchedule.build(self.pipe.scheduler.config, self.config))
         self.floor = floor_flops(self.pipe, args.resolution, args.masks, self.n_steps)
         self.peak_rates = peak_matmul_tflops(self.device)
         self.peak_tflops = args.peak_tflops or max(self.peak_rates.values())

@@ -17,7 +17,9 @@ def _default_device() -> str:
 
 
 def add_model_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", required=True, help="hub id, diffusers folder, .safetensors/.ckpt file, or 'tiny'")
+    p.add_argument("--model", required=True,
+                   help="hub id (e.g. CompVis/stable-diffusion-v1-4, the authors' model), diffusers folder, "
+                        ".safetensors/.ckpt file, or 'tiny'")
     p.add_argument("--random-init", action="store_true", help="--model is a config folder: seeded random weights")
     p.add_argument("--single-file-config", help="diffusers folder with the configs for a single-file checkpoint")
     p.add_argument("--device", default=_default_device())
@@ -28,7 +30,8 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--lam", type=float, default=10.0, help="modulation strength lambda")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--resolution", type=int, default=512, help="processing resolution, a multiple of 64")
-    p.add_argument("--sampler", choices=["ddpm", "ddim"], default="ddpm")
+    p.add_argument("--feature-samples", type=int, default=8,
+                   help="noise draws averaged for the k-means features (default 8; the authors' notebook: 100)")
     p.add_argument("--max-batch", type=int, default=None, help="fast backend: modulated runs per batch")
     p.add_argument("--compile", default=None, nargs="?", const="default",
                    help="fast backend: torch.compile the UNet (optional mode)")
@@ -39,7 +42,7 @@ def build_segmenter(args):
     from . import EmerDiff, EmerDiffConfig, FastOptions, load_pipeline
 
     config = EmerDiffConfig(num_masks=args.masks, lam=args.lam, seed=args.seed, resolution=args.resolution,
-                            sampler=args.sampler)
+                            feature_samples=args.feature_samples)
     backend = args.backend or ("fast" if str(args.device).startswith("cuda") else "reference")
     pipe = load_pipeline(args.model, device=args.device, dtype=DTYPES[args.dtype], random_init=args.random_init,
                          seed=args.seed, config=args.single_file_config)

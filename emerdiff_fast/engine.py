@@ -1,7 +1,10 @@
 """The fast path: the same function as reference.py, computed the way the hardware wants.
 
 * All 2K (mask, sign) runs advance as one batch (chunked to `max_batch`), with batch
-  member 0 being the unmodulated reference run itself, so nothing is recorded or replayed.
+  member 0 being the unmodulated reference run itself, so nothing is recorded or replayed:
+  member 0 walks the sampled latents of the inversion, and every member's reverse step is
+  anchored to it (sampling.Trajectory.anchored_step says why that is the reference path's
+  step with the inversion's z_t), so the inversion costs no UNet call of its own.
 * Attention injection shares P: each layer computes softmax(QK^T/sqrt(d)) once, from
   member 0, and applies it to all members' V in one product; cross-attention outputs are
   member-independent and computed once (attention.SharedProcessor says why this is exact).
@@ -20,6 +23,7 @@ import torch
 from . import reference
 from .attention import Modulation, RunState, SharedProcessor, installed, make_processors
 from .reference import chunk_plan, decode_pairs
+from .sampling import Trajectory, denoise
 from .timing import timed
 
 
@@ -84,13 +88,13 @@ def chunk_size(seg) -> int:
     return max(2, min(chunk - chunk % 2, two_k))
 
 
-def difference_maps(seg, x_tm: torch.Tensor, masks: torch.Tensor, sampler, timings: dict) -> torch.Tensor:
+def difference_maps(seg, traj: Trajectory, masks: torch.Tensor, timings: dict) -> torch.Tensor:
     cfg = seg.config
     k = masks.shape[0]
     chunk = chunk_size(seg)
     decode_batch = seg.decode_batch or min(chunk, DEFAULT_DECODE_BATCH)
     if not seg.options.share_attention:  # batching alone: the reference algorithm, wider batches
-        return reference.difference_maps(seg, x_tm, masks, sampler, timings, chunk, decode_batch)
+        return reference.difference_maps(seg, traj, masks, timings, chunk, decode_batch)
     state = _state(seg)
     out = []
     with installed(seg.unet, seg._fast_procs):
@@ -100,7 +104,8 @@ def difference_maps(seg, x_tm: torch.Tensor, masks: torch.Tensor, sampler, timin
                 masks, torch.tensor([0] + index, device=seg.device),
                 torch.tensor([0.0] + sign, device=seg.device) * cfg.lam)
             with timed(timings, "denoise", seg.device):
-                x = seg.denoise(x_tm.expand(chunk + 1, -1, -1, -1), state, sampler, unet=seg.unet_call)
+                x = denoise(seg.unet_call, traj, traj.latents[0].expand(chunk + 1, -1, -1, -1),
+                            traj.anchored_step, state, seg.context, seg.dtype, cfg.modulate_steps)
             with timed(timings, "decode", seg.device):
                 out.append(decode_pairs(seg, x[1:], sign, decode_batch))
     state.modulation = None

@@ -40,7 +40,7 @@ def add_parser(sub) -> None:
 
 
 def _settings(args, backend: str) -> dict:
-    keys = ("dataset", "model", "random_init", "dtype", "masks", "lam", "seed", "resolution", "sampler", "limit")
+    keys = ("dataset", "model", "random_init", "dtype", "masks", "lam", "seed", "resolution", "feature_samples", "limit")
     return {**{k: getattr(args, k) for k in keys}, "backend": backend}
 
 

@@ -49,10 +49,10 @@ def load_image(image) -> Image.Image:
 
 
 def to_model_input(image: Image.Image, resolution: int) -> torch.Tensor:
-    """RGB PIL -> (3, R, R) float in [-1, 1]; bicubic resize (choice), aspect ratio not kept."""
+    """RGB PIL -> (3, R, R) float in [-1, 1]; Lanczos resize, aspect ratio not kept (the notebook's)."""
     if min(image.size) < 1:
         raise ImageError(f"image has an empty size {image.size}")
-    im = image.resize((resolution, resolution), Image.BICUBIC)
+    im = image.resize((resolution, resolution), Image.LANCZOS)
     arr = torch.from_numpy(np.asarray(im, dtype=np.float32) / 127.5 - 1.0)
     return arr.permute(2, 0, 1).contiguous()
 

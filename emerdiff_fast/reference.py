@@ -1,10 +1,12 @@
 """The reference path: SPEC 1.5-1.7 written out literally.
 
-One unmodulated reference run records every attention layer's Q and K at every step (not
-the probability matrices themselves, which would not fit in memory at 512 px); then, for
-each mask i, one run with +lam and one with -lam (batched together, as a pair) start from
-the same noisy latent, recompute each layer's probabilities from the recorded Q and K,
-modulate the modulated layer at the first `modulate_steps` steps, and are decoded.
+The unmodulated reference run evaluates the UNet at each sampled latent of the inversion
+(sampling.py), recording every attention layer's Q and K per step (not the probability
+matrices themselves, which would not fit in memory at 512 px) and solving the noise maps
+z_t. Then, for each mask i, one run with +lam and one with -lam (batched together, as a
+pair) start from the sampled x_{t_m}, recompute each layer's probabilities from the
+recorded Q and K, modulate the modulated layer at the first `modulate_steps` steps, take
+the reverse step with the recorded z_t, and are decoded.
 """
 from __future__ import annotations
 
@@ -12,6 +14,7 @@ import torch
 
 from .attention import Modulation, ReferenceProcessor, RunState, installed, make_processors
 from .maps import difference_map
+from .sampling import Trajectory, denoise, reference_run
 from .timing import timed
 
 
@@ -37,22 +40,28 @@ def decode_pairs(seg, x: torch.Tensor, sign: list[int], decode_batch: int) -> to
     return difference_map(imgs[1::2], imgs[0::2])
 
 
-def difference_maps(seg, x_tm: torch.Tensor, masks: torch.Tensor, sampler, timings: dict,
+def difference_maps(seg, traj: Trajectory, masks: torch.Tensor, timings: dict,
                     chunk: int = 2, decode_batch: int = 2) -> torch.Tensor:
-    """(K, R, R) float32: ||I- - I+||_2 over RGB for each mask. `chunk` modulated runs share
-    a denoising batch: 2 (each mask's +/- pair) is the reference path; the fast backend's
-    batching-only mode (FastOptions(share_attention=False)) passes more."""
-    state = RunState(mode="record", modulated_layer=seg.config.modulated_layer)
+    """(K, R, R) float32 difference maps d_i (SPEC 1.7), one per mask. `chunk` modulated runs
+    share a denoising batch: 2 (each mask's +/- pair) is the reference path; the fast
+    backend's batching-only mode (FastOptions(share_attention=False)) passes more."""
+    cfg = seg.config
+    state = RunState(mode="record", modulated_layer=cfg.modulated_layer)
     out = []
     with installed(seg.unet, make_processors(seg.unet, ReferenceProcessor, state)):
         with timed(timings, "denoise", seg.device):
-            seg.denoise(x_tm, state, sampler)  # the reference run records Q and K
+            z = reference_run(seg.unet, traj, state, seg.context, seg.dtype)
+
+        def update(i, x, eps):
+            return traj.step(i, x, eps, z[i])
+
         state.mode = "inject"
         for index, sign in chunk_plan(masks.shape[0], chunk):
             state.modulation = Modulation(masks, torch.tensor(index, device=seg.device),
-                                          torch.tensor(sign, device=seg.device, dtype=torch.float32) * seg.config.lam)
+                                          torch.tensor(sign, device=seg.device, dtype=torch.float32) * cfg.lam)
             with timed(timings, "denoise", seg.device):
-                x = seg.denoise(x_tm.expand(chunk, -1, -1, -1), state, sampler)
+                x = denoise(seg.unet, traj, traj.latents[0].expand(chunk, -1, -1, -1), update, state,
+                            seg.context, seg.dtype, cfg.modulate_steps)
             with timed(timings, "decode", seg.device):
                 out.append(decode_pairs(seg, x, sign, decode_batch))
     return torch.cat(out)

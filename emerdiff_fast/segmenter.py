@@ -1,7 +1,8 @@
-"""`EmerDiff`: the user-facing segmenter. Stages shared by every backend live here
-(encode, low-resolution features, k-means, label maps); the backends differ only in how
-they produce the K difference maps (reference.py: one modulated run per mask, engine.py:
-one batched run for all masks)."""
+"""`EmerDiff`: the user-facing segmenter, orchestrating the stages. Those shared by every
+backend live here (encode, low-resolution features, k-means, the inversion's sampled
+trajectory, label maps); the backends differ only in how they produce the K difference
+maps from the trajectory (reference.py: one modulated run per mask, engine.py: one batched
+run for all masks). The trajectory and the denoising loop are sampling.py's."""
 from __future__ import annotations
 
 import torch
@@ -14,7 +15,8 @@ from .images import load_image, resize_labels, to_model_input
 from .kmeans import kmeans
 from .maps import assign_labels, gaussian_blur, mask_embeddings, masks_from_labels, naive_upsample
 from .result import SegmentationResult
-from .schedule import add_noise, build_sampler, make_scheduler, modulation_timesteps, seeded_noise
+from .sampling import (ReverseSchedule, alphas_cumprod, feature_noise, latent_dtype, noise_to, sample_trajectory,
+                       trajectory_noise)
 from .timing import timed
 
 BACKENDS = ("reference", "fast", "naive")
@@ -58,6 +60,7 @@ class EmerDiff:
         if decode_batch is not None and decode_batch < 1:
             raise ValueError(f"decode_batch must be at least 1, got {decode_batch}")
         self.max_batch, self.decode_batch, self.progress = max_batch, decode_batch, progress
+        self.schedule = ReverseSchedule.build(pipe.scheduler.config, self.config)
         with torch.inference_mode():
             # empty prompt, no classifier-free guidance (SPEC 1.2)
             self.context = pipe.encode_prompt("", self.device, 1, False)[0].to(self.dtype)
@@ -80,15 +83,18 @@ class EmerDiff:
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         return self.vae.decode((latents / self.vae.config.scaling_factor).to(self.dtype)).sample
 
-    def features(self, latents: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
-        """Query vectors (to_q output) of the feature layer at t_feature (SPEC 1.3): (n, N, C)."""
+    def features(self, latent: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+        """Query vectors (to_q output) of the feature layer at t_feature, averaged over the
+        noise draws (SPEC 1.3): latent (1, C, h, w), noise (S, C, h, w) -> (N, C) float32.
+        One batched UNet call of S members, stopped right after the feature layer's to_q."""
         captured = {}
 
         def hook(module, args, output):
             captured["q"] = output
             raise _StopForward
 
-        x = add_noise(self.pipe.scheduler.config, latents.float(), noise.to(self.device), self.config.t_feature)
+        a = alphas_cumprod(self.pipe.scheduler.config)[self.config.t_feature]
+        x = noise_to(latent.float(), noise.to(self.device), a)
         to_q = find_module(self.unet, self.config.feature_layer).to_q
         handle = to_q.register_forward_hook(hook)
         try:
@@ -98,19 +104,7 @@ class EmerDiff:
             pass
         finally:
             handle.remove()
-        return captured["q"].float()
-
-    def denoise(self, x: torch.Tensor, state: RunState, sampler, unet=None) -> torch.Tensor:
-        """Run the sampler from t_modulate to the end. The loop body has no host sync:
-        the Python-level step bookkeeping reads no tensor values."""
-        unet = self.unet if unet is None else unet
-        ctx = self.context.expand(x.shape[0], -1, -1)
-        for i in range(len(sampler)):
-            state.step = i
-            state.modulate_now = state.modulation is not None and i < self.config.modulate_steps
-            eps = unet(x.to(self.dtype), sampler.timesteps[i], encoder_hidden_states=ctx).sample
-            x = sampler.step(i, eps.float(), x)
-        return x
+        return captured["q"].float().mean(0)
 
     # ---- the call --------------------------------------------------------------------
     def __call__(self, images):
@@ -126,10 +120,9 @@ class EmerDiff:
         with timed(timings, "encode", self.device):
             latents = self.encode(torch.stack([to_model_input(im, cfg.resolution) for im in pil]))
         latent_shape = tuple(latents.shape[1:])
-        n_steps = len(modulation_timesteps(make_scheduler(self.pipe, cfg.sampler, cfg.num_inference_steps), cfg))
-        feat_noise, start_noise, step_noise = seeded_noise(cfg.seed, latent_shape, n_steps)
         with timed(timings, "features", self.device):
-            feats = self.features(latents, feat_noise)
+            noise = feature_noise(cfg.seed, latent_shape, cfg.feature_samples)
+            feats = torch.stack([self.features(latents[j:j + 1], noise) for j in range(len(pil))])
         n_pos = feats.shape[1]
         side = int(round(n_pos ** 0.5))
         if cfg.num_masks > n_pos:
@@ -139,7 +132,7 @@ class EmerDiff:
         with timed(timings, "kmeans", self.device):
             km = kmeans(feats, cfg.num_masks, restarts=cfg.kmeans_restarts, max_iter=cfg.kmeans_iterations,
                         seed=cfg.seed, use_triton=self.backend == "fast" and self.options.triton_kmeans)
-        sampler = build_sampler(self.pipe, cfg, latent_shape, step_noise).to(self.device, torch.float32)
+        step_noise = trajectory_noise(cfg.seed, latent_shape, self.schedule.grid)
         results = []
         for j, im in enumerate(pil):
             t = dict(timings)
@@ -150,10 +143,9 @@ class EmerDiff:
                 diffs = None
             else:
                 masks = masks_from_labels(low_res, cfg.num_masks).to(self.device)
-                x_tm = add_noise(self.pipe.scheduler.config, latents[j:j + 1].float(),
-                                 start_noise.to(self.device), cfg.t_modulate)
+                traj = sample_trajectory(self.schedule, latents[j:j + 1], step_noise, latent_dtype(self.dtype))
                 backend = reference if self.backend == "reference" else engine
-                diffs = backend.difference_maps(self, x_tm, masks, sampler, t)
+                diffs = backend.difference_maps(self, traj, masks, t)
                 if not torch.isfinite(diffs).all():
                     raise FloatingPointError("difference maps contain NaN/inf (the model overflowed in "
                                              f"{self.dtype}; try float32 or bfloat16)")

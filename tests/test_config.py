@@ -7,6 +7,7 @@ from emerdiff_fast.config import leading_timesteps
 def test_defaults_are_the_papers():
     c = EmerDiffConfig()
     assert (c.num_masks, c.lam, c.t_feature, c.t_modulate, c.num_inference_steps, c.resolution) == (30, 10.0, 1, 281, 50, 512)
+    assert (c.modulate_steps, c.gaussian_sigma) == (1, 0.0)  # the authors': modulate at t_m only, no extra smoothing
     assert c.modulated_layer == "up_blocks.1.attentions.2.transformer_blocks.0.attn2"
     assert c.feature_layer == "up_blocks.1.attentions.0.transformer_blocks.0.attn2"
     ts = leading_timesteps(50)
@@ -20,7 +21,7 @@ def test_defaults_are_the_papers():
     (dict(t_modulate=280), "not on the 50-step schedule"),
     (dict(resolution=500), "multiple of 64"),
     (dict(modulated_layer="up_blocks.1.attn9"), "unknown layer name"),
-    (dict(sampler="euler"), "ddpm"),
+    (dict(feature_samples=0), "feature_samples"),
     (dict(lam=float("nan")), "finite"),
     (dict(modulate_steps=16), "modulate_steps"),
     (dict(gaussian_sigma=-1), "gaussian_sigma"),

@@ -1,4 +1,7 @@
+import numpy as np
+import pytest
 import torch
+from scipy import ndimage
 
 from emerdiff_fast.maps import (assign_labels, difference_map, gaussian_blur, mask_embeddings, masks_from_labels,
                                 naive_upsample)
@@ -35,10 +38,33 @@ def test_blur_then_argmax_removes_isolated_pixel():
 
 
 def test_difference_map_is_rgb_l2():
-    a, b = torch.zeros(1, 3, 2, 2), torch.zeros(1, 3, 2, 2)
-    b[0, :, 0, 0] = torch.tensor([3.0, 4.0, 0.0])
+    a, b = torch.zeros(1, 3, 4, 5), torch.zeros(1, 3, 4, 5)
+    b[0] = torch.tensor([3.0, 4.0, 0.0])[:, None, None]  # constant images: the blur keeps them
     d = difference_map(a, b)
-    assert d.shape == (1, 2, 2) and d[0, 0, 0] == 5.0 and d[0, 1, 1] == 0.0
+    assert d.shape == (1, 4, 5) and torch.allclose(d, torch.full((1, 4, 5), 5.0))
+
+
+def _scipy_blur(x: np.ndarray) -> np.ndarray:
+    """3x3 Gaussian, sigma 0.8, per channel; torch's 'reflect' padding is scipy's 'mirror'."""
+    sigma = (0,) * (x.ndim - 2) + (0.8, 0.8)
+    return ndimage.gaussian_filter(x, sigma=sigma, mode="mirror", truncate=1.25)  # radius int(1.25 * 0.8 + .5) = 1
+
+
+@pytest.mark.parametrize("shape", [(2, 3, 17, 23), (1, 3, 5, 4), (3, 2, 64, 9)])
+@pytest.mark.parametrize("dtype, tol", [(torch.float32, 1e-6), (torch.float64, 1e-13)])
+def test_image_blur_matches_scipy(shape, dtype, tol):
+    from emerdiff_fast.maps import IMAGE_BLUR_RADIUS, IMAGE_BLUR_SIGMA
+
+    x = torch.randn(shape, generator=torch.Generator().manual_seed(sum(shape)), dtype=torch.float64).to(dtype)
+    got = gaussian_blur(x, IMAGE_BLUR_SIGMA, IMAGE_BLUR_RADIUS)
+    assert np.abs(got.double().numpy() - _scipy_blur(x.double().numpy())).max() < tol
+
+
+def test_difference_map_blurs_the_images_then_takes_the_rgb_norm():
+    g = torch.Generator().manual_seed(1)
+    minus, plus = torch.rand(2, 3, 19, 21, generator=g), torch.rand(2, 3, 19, 21, generator=g)
+    expected = np.linalg.norm(_scipy_blur(minus.double().numpy()) - _scipy_blur(plus.double().numpy()), axis=1)
+    assert np.abs(difference_map(minus, plus).numpy() - expected).max() < 1e-6
 
 
 def test_naive_upsample_hand_made_masks():
