@@ -22,6 +22,6 @@ setup(
         "Pillow",
         "tqdm",
     ],
-    extras_require={"test": ["pytest", "pytest-benchmark", "scikit-image"]},
+    extras_require={"test": ["pytest", "pytest-benchmark", "scikit-image", "pycocotools"]},
     entry_points={"console_scripts": ["emerdiff-fast=emerdiff_fast.cli:main"]},
 )

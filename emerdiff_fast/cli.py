@@ -1,15 +1,33 @@
-"""Command line: `emerdiff-fast segment ...` (and `eval`, see evaluate.py)."""
+"""Command line: `emerdiff-fast segment ...` (and `eval`, see evaluate.py).
+
+Everything that can be checked before the model loads is checked first (inputs, --out,
+the device), so a mistake costs a second, not a model load; each failure is one line on
+stderr. Exit status: 0 all done, 1 some images failed (the others were written), 2 bad
+usage or setup, 130 interrupted (finished outputs are complete: every file is written
+atomically).
+"""
 from __future__ import annotations
 
 import argparse
+import logging
+import os
 import sys
+import time
 from collections import Counter
 from pathlib import Path
 
 import torch
 
+from . import __version__
+from .output import DEFAULT_FORMATS
+
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
           "float16": torch.float16, "fp16": torch.float16}
+log = logging.getLogger("emerdiff_fast")
+
+
+class UsageError(Exception):
+    """A setup problem found before any work: printed as one line, exit 2."""
 
 
 def _default_device() -> str:
@@ -17,98 +35,248 @@ def _default_device() -> str:
 
 
 def add_model_args(p: argparse.ArgumentParser) -> None:
+    """Options every command shares: model, method, device, logging."""
+    p.add_argument("-v", "--verbose", action="store_const", const="debug", dest="log_level",
+                   help="debug output, third-party warnings included (same as --log-level debug)")
+    p.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
+    p.set_defaults(log_level="info")
     p.add_argument("--model", required=True,
                    help="hub id (e.g. CompVis/stable-diffusion-v1-4, the authors' model), diffusers folder, "
-                        ".safetensors/.ckpt file, or 'tiny'")
+                        ".safetensors/.ckpt file, or 'tiny' (random weights, for trying the tool)")
     p.add_argument("--random-init", action="store_true", help="--model is a config folder: seeded random weights")
     p.add_argument("--single-file-config", help="diffusers folder with the configs for a single-file checkpoint")
-    p.add_argument("--device", default=_default_device())
-    p.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
-    p.add_argument("--backend", choices=["reference", "fast", "naive"], default=None,
-                   help="default: fast on CUDA, reference otherwise")
+    p.add_argument("--device", default=_default_device(), help="cpu, cuda, cuda:N, ...")
+    p.add_argument("--dtype", default="float32", choices=sorted(DTYPES), help="model weights and activations")
+    p.add_argument("--backend", choices=["fast", "reference", "naive"], default="fast",
+                   help="fast and reference compute the same function; naive is the paper's SD baseline")
     p.add_argument("--masks", type=int, default=30, help="number of segments K")
     p.add_argument("--lam", type=float, default=10.0, help="modulation strength lambda")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seeds the noise draws and k-means")
     p.add_argument("--resolution", type=int, default=512, help="processing resolution, a multiple of 64")
     p.add_argument("--feature-samples", type=int, default=8,
-                   help="noise draws averaged for the k-means features (default 8; the authors' notebook: 100)")
-    p.add_argument("--max-batch", type=int, default=None, help="fast backend: modulated runs per batch")
-    p.add_argument("--compile", default=None, nargs="?", const="default",
-                   help="fast backend: torch.compile the UNet (optional mode)")
+                   help="noise draws averaged for the k-means features (the authors' notebook: 100)")
+    p.add_argument("--max-batch", type=int, default=None,
+                   help="fast backend: modulated runs per batch (default: all on CPU, by free memory on CUDA)")
+    p.add_argument("--compile", action="store_true", help="fast backend: torch.compile the UNet")
+    p.add_argument("--compile-mode", default="default",
+                   help="torch.compile mode with --compile (default, reduce-overhead, max-autotune, ...)")
     p.add_argument("--channels-last", action="store_true", help="fast backend: NHWC convolutions")
+    p.add_argument("--max-pixels", type=int, default=None,
+                   help="largest image opened, in pixels (default: Pillow's decompression-bomb limit, 89.5 M)")
 
 
-def build_segmenter(args):
+def check_device(name: str) -> torch.device:
+    """The device must parse and exist here; checked before the model loads."""
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError):
+        raise UsageError(f"--device {name!r} is not a device (try cpu, cuda or cuda:0)") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise UsageError(f"--device {name}: CUDA is not available here (torch {torch.__version__}, "
+                             f"{'CPU-only build' if torch.version.cuda is None else 'no GPU visible'}); "
+                             "use --device cpu")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise UsageError(f"--device {name}: only {torch.cuda.device_count()} CUDA device(s) visible")
+    elif device.type == "mps" and not torch.backends.mps.is_available():
+        raise UsageError(f"--device {name}: MPS is not available here")
+    elif device.type not in ("cpu", "cuda", "mps", "xpu"):
+        raise UsageError(f"--device {name}: unsupported device type {device.type!r}")
+    return device
+
+
+def check_out_dir(out: Path) -> None:
+    """--out must be (or become) a writable folder: created, probed with a file, cleaned."""
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"--out {out} exists and is not a folder")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / f".emerdiff-write-test.{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as exc:
+        raise UsageError(f"--out {out} is not writable ({exc.strerror or exc})") from None
+
+
+def build_segmenter(args, progress: bool = False):
     from . import EmerDiff, EmerDiffConfig, FastOptions, load_pipeline
 
     config = EmerDiffConfig(num_masks=args.masks, lam=args.lam, seed=args.seed, resolution=args.resolution,
                             feature_samples=args.feature_samples)
-    backend = args.backend or ("fast" if str(args.device).startswith("cuda") else "reference")
+    if args.backend != "fast" and (args.compile or args.channels_last or args.max_batch):
+        raise UsageError("--compile, --channels-last and --max-batch apply to --backend fast only")
+    log.info("loading %s on %s (%s)", args.model, args.device, args.dtype)
     pipe = load_pipeline(args.model, device=args.device, dtype=DTYPES[args.dtype], random_init=args.random_init,
                          seed=args.seed, config=args.single_file_config)
     options = FastOptions(channels_last=True) if args.channels_last else None
-    return EmerDiff(pipe, config, backend=backend, compile=args.compile or False, max_batch=args.max_batch,
-                    options=options)
+    return EmerDiff(pipe, config, backend=args.backend, compile=args.compile_mode if args.compile else False,
+                    max_batch=args.max_batch, options=options, progress=progress)
 
 
-def _output_names(paths: list[Path]) -> list[str]:
-    """File stems, or full names where two inputs share a stem (a.png and a.jpg)."""
-    stems = Counter(p.stem for p in paths)
-    return [p.stem if stems[p.stem] == 1 else p.name for p in paths]
+def output_names(inputs: list[str], paths: list[Path]) -> list[str]:
+    """Output names that cannot collide: each image's path relative to the deepest folder
+    holding every input (a folder argument holds its own files), without the suffix, or
+    with it where two images share a stem in one folder (a.png, a.jpg).
+    `segment photos/` -> x; `segment a/ c/` -> a/x, c/x; `segment p.jpg` -> p."""
+    roots = [Path(os.path.abspath(a)) if Path(a).is_dir() else Path(os.path.abspath(a)).parent for a in inputs]
+    root = Path(os.path.commonpath(roots))
+    rel = [Path(os.path.abspath(p)).relative_to(root) for p in paths]
+    stems = Counter(r.with_suffix("") for r in rel)
+    return [str(r.with_suffix("") if stems[r.with_suffix("")] == 1 else r) for r in rel]
+
+
+def list_inputs(args) -> tuple[list[Path], list[str]]:
+    """The images to segment and their output names; one-line errors for what is missing."""
+    from .images import list_images
+
+    missing = [a for a in args.inputs if not Path(a).exists()]
+    if missing:
+        raise UsageError(f"input {missing[0]!r} not found" + (f" (and {len(missing) - 1} more)"
+                                                            if len(missing) > 1 else ""))
+    out = Path(os.path.abspath(args.out))
+    # an --out inside an input folder: its files are results, never inputs
+    paths = [p for p in list_images(args.inputs, recursive=args.recursive)
+             if not Path(os.path.abspath(p)).is_relative_to(out)]
+    if not paths:
+        raise UsageError("no images found in " + " ".join(args.inputs)
+                         + ("" if args.recursive else " (sub-folders need --recursive)"))
+    return paths, output_names(args.inputs, paths)
+
+
+def parse_formats(value: str) -> tuple[str, ...]:
+    from .output import FORMATS
+
+    formats = tuple(dict.fromkeys(f.strip() for f in value.split(",") if f.strip()))
+    unknown = [f for f in formats if f not in FORMATS]
+    if unknown or not formats:
+        raise argparse.ArgumentTypeError(f"unknown format(s) {unknown}; choose from {','.join(FORMATS)}")
+    return formats
 
 
 def cmd_segment(args) -> int:
     from tqdm import tqdm
 
-    from .images import ImageError, list_images, load_image
-    from .output import save_result
+    from .images import ImageError, load_image, set_max_pixels
+    from .output import output_files, save_result
 
-    paths = list_images(args.inputs)
-    if not paths:
-        print("error: no images found in " + " ".join(args.inputs), file=sys.stderr)
-        return 2
-    seg = build_segmenter(args)
+    set_max_pixels(args.max_pixels)
+    paths, names = list_inputs(args)
     out_dir = Path(args.out)
-    failed = 0
-    for path, name in zip(tqdm(paths, desc="segment", unit="img", disable=args.quiet), _output_names(paths)):
-        try:
-            photo = load_image(path)
-            result = seg(photo)
-        except (ImageError, FloatingPointError) as exc:
-            failed += 1
-            tqdm.write(f"error: {exc}", file=sys.stderr)
-            continue
-        save_result(result, photo, out_dir, name, difference_maps=args.save_difference_maps)
+    check_out_dir(out_dir)
+    check_device(args.device)
+    done = [all((out_dir / f).exists() for f in output_files(n, args.format)) for n in names]
+    existing = [n for n in names if any((out_dir / f).exists() for f in output_files(n, args.format))]
+    if existing and not (args.overwrite or args.skip_existing):
+        raise UsageError(f"{len(existing)} of {len(paths)} outputs already exist in {out_dir} (first: "
+                         f"{existing[0]}); use --skip-existing to resume or --overwrite to replace them")
+    todo = [(p, n) for p, n, d in zip(paths, names, done) if not (args.skip_existing and d)]
+    skipped = len(paths) - len(todo)
+    if skipped:
+        log.info("skipping %d of %d images whose outputs exist (--skip-existing)", skipped, len(paths))
+    if not todo:
+        log.info("nothing to do: all %d outputs exist in %s", len(paths), out_dir)
+        return 0
+    seg = build_segmenter(args, progress=not args.quiet)
+    failed, finished, start = 0, 0, time.perf_counter()
+    try:
+        for path, name in tqdm(todo, desc="segment", unit="img", disable=args.quiet):
+            try:
+                photo = load_image(path)
+                result = seg(photo)
+            except (ImageError, FloatingPointError, torch.cuda.OutOfMemoryError) as exc:
+                failed += 1
+                log.error("%s: %s", path, exc)
+                continue
+            save_result(result, photo, out_dir, name, difference_maps=args.save_difference_maps,
+                        formats=args.format)
+            finished += 1
+    except KeyboardInterrupt:
+        print(f"interrupted: {finished} of {len(todo)} images finished (complete) in {out_dir}; "
+              "rerun with --skip-existing to resume", file=sys.stderr)
+        return 130
+    seconds = (time.perf_counter() - start) / max(finished + failed, 1)
+    log.info("done: %d segmented, %d skipped (existing), %d failed; %.1f s per image; outputs in %s",
+             finished, skipped, failed, seconds, out_dir)
     if failed:
         print(f"{failed} of {len(paths)} images failed", file=sys.stderr)
     return 1 if failed else 0
 
 
-def main(argv=None) -> int:
-    from .config import ConfigError
-    from .loading import ModelLoadError
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows defaults, except the uninformative None/False of flags and unset options."""
 
-    parser = argparse.ArgumentParser(prog="emerdiff-fast", description=__doc__)
+    def _get_help_string(self, action):
+        if action.default in (None, False, argparse.SUPPRESS):
+            return action.help
+        return super()._get_help_string(action)
+
+
+class _TqdmHandler(logging.Handler):
+    """Log lines that do not break progress bars."""
+
+    def emit(self, record):
+        from tqdm import tqdm
+
+        tqdm.write(self.format(record), file=sys.stderr)
+
+
+def setup_logging(level: str) -> None:
+    """Our messages at `level`; third-party libraries' (transformers' torchvision notes,
+    diffusers' dtype notes, Python warnings) only at debug level."""
+    verbose = level == "debug"
+    if not verbose:
+        os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+        os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
+        import warnings
+
+        warnings.filterwarnings("ignore")
+    handler = _TqdmHandler()
+    handler.setFormatter(logging.Formatter("%(message)s" if not verbose else "%(levelname)s %(name)s: %(message)s"))
+    log.handlers[:] = [handler]
+    log.setLevel(level.upper())
+    log.propagate = False
+
+
+def make_parser() -> argparse.ArgumentParser:
+    fmt = _HelpFormatter
+    parser = argparse.ArgumentParser(prog="emerdiff-fast", description=__doc__.split("\n\n")[0], formatter_class=fmt)
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
-    p = sub.add_parser("segment", help="segment images (files or folders)")
+    p = sub.add_parser("segment", help="segment images (files or folders)", formatter_class=fmt)
     p.add_argument("inputs", nargs="+", metavar="IMAGE_OR_DIR")
-    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--out", required=True,
+                   help="output folder; outputs mirror the inputs' folders below their common folder")
+    p.add_argument("--recursive", action="store_true", help="also take images in sub-folders of folder inputs")
+    group = p.add_mutually_exclusive_group()
+    group.add_argument("--overwrite", action="store_true", help="replace existing outputs")
+    group.add_argument("--skip-existing", action="store_true", help="skip images whose outputs all exist (resume)")
+    p.add_argument("--format", type=parse_formats, default=",".join(DEFAULT_FORMATS),
+                   help="comma list of labels, overlay, npz, legend, rle (COCO RLE JSON), masks (one PNG per segment)")
     p.add_argument("--save-difference-maps", action="store_true", help="store the K difference maps in the npz")
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
     add_model_args(p)
     p.set_defaults(func=cmd_segment)
-    try:
-        from . import evaluate
+    from . import evaluate
 
-        evaluate.add_parser(sub)
-    except ImportError:
-        pass
-    args = parser.parse_args(argv)
+    evaluate.add_parser(sub, fmt)
+    return parser
+
+
+def main(argv=None) -> int:
+    args = make_parser().parse_args(argv)
+    setup_logging(args.log_level)
+    from .config import ConfigError
+    from .datasets import DatasetError
+    from .loading import ModelLoadError
+
     try:
         return args.func(args)
-    except (ModelLoadError, ConfigError, ValueError) as exc:
+    except (UsageError, ModelLoadError, ConfigError, DatasetError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

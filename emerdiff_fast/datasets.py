@@ -13,6 +13,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from .images import load_image
+
 IGNORE = 255
 
 # COCO-Stuff fine ids 0..181 (stuffthingmaps) -> the 27 coarse classes of IIC/PiCIE/STEGO
@@ -104,6 +106,8 @@ class SegmentationDataset:
 
     def __init__(self, name: str, root: str | Path, limit: int | None = None):
         self.name, self.root = name, Path(root)
+        if limit is not None and limit < 1:
+            raise DatasetError(f"limit must be at least 1, got {limit}")
         if name not in NUM_CLASSES:
             raise DatasetError(f"unknown dataset {name!r}; choose from {', '.join(NUM_CLASSES)}")
         _need(self.root, f"the {name} dataset root")
@@ -120,8 +124,11 @@ class SegmentationDataset:
 
     def __getitem__(self, i: int) -> Sample:
         sid, img_path, lab_path = self.items[i]
-        image = Image.open(_need(img_path, "an image listed in the split")).convert("RGB")
-        label = Image.open(_need(lab_path, "a label map"))
+        image = load_image(_need(img_path, "an image listed in the split"))
+        try:
+            label = Image.open(_need(lab_path, "a label map"))
+        except (OSError, ValueError) as exc:
+            raise DatasetError(f"cannot read label map {lab_path} ({exc})") from None
         if label.mode not in ("L", "P"):
             raise DatasetError(f"label map {lab_path} must be a single-channel 8-bit PNG, got mode {label.mode}")
         if label.size != image.size:

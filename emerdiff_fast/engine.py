@@ -22,7 +22,7 @@ import torch
 
 from . import reference
 from .attention import Modulation, RunState, SharedProcessor, installed, make_processors
-from .reference import chunk_plan, decode_pairs
+from .reference import chunk_plan, decode_pairs, work_units
 from .sampling import Trajectory, denoise
 from .timing import timed
 
@@ -96,16 +96,18 @@ def difference_maps(seg, traj: Trajectory, masks: torch.Tensor, timings: dict) -
     if not seg.options.share_attention:  # batching alone: the reference algorithm, wider batches
         return reference.difference_maps(seg, traj, masks, timings, chunk, decode_batch)
     state = _state(seg)
+    plan = chunk_plan(k, chunk)
+    seg.begin_work(work_units(plan, len(traj), decode_batch), "denoise+decode")
     out = []
     with installed(seg.unet, seg._fast_procs):
-        for index, sign in chunk_plan(k, chunk):
+        for index, sign in plan:
             # member 0: the reference run (coefficient 0), then the chunk's modulated members
             state.modulation = Modulation(
                 masks, torch.tensor([0] + index, device=seg.device),
                 torch.tensor([0.0] + sign, device=seg.device) * cfg.lam)
-            with timed(timings, "denoise", seg.device):
+            with timed(timings, "denoise", seg.device), seg.compiling(chunk + 1):
                 x = denoise(seg.unet_call, traj, traj.latents[0].expand(chunk + 1, -1, -1, -1),
-                            traj.anchored_step, state, seg.context, seg.dtype, cfg.modulate_steps)
+                            traj.anchored_step, state, seg.context, seg.dtype, cfg.modulate_steps, on_step=seg.tick)
             with timed(timings, "decode", seg.device):
                 out.append(decode_pairs(seg, x[1:], sign, decode_batch))
     state.modulation = None

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import io
 import json
+import logging
+import shutil
 import sys
 from pathlib import Path
 
@@ -20,16 +22,32 @@ from .maps import naive_upsample
 from .metrics import ConceptMIoU, UnsupervisedMIoU
 from .output import atomic_write
 
+log = logging.getLogger("emerdiff_fast")
 
-def add_parser(sub) -> None:
+
+def _positive(value: str) -> int:
+    import argparse
+
+    n = int(value)
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {n}")
+    return n
+
+
+def add_parser(sub, formatter_class=None) -> None:
     from .cli import add_model_args
 
-    p = sub.add_parser("eval", help="evaluate on a benchmark (mIoU, both protocols)")
+    p = sub.add_parser("eval", help="evaluate on a benchmark (mIoU, both protocols)", formatter_class=formatter_class)
     p.add_argument("--dataset", required=True,
                    choices=["cocostuff27", "cocostuff171", "ade20k", "cityscapes", "pascal_context59"])
     p.add_argument("--root", required=True, help="dataset root in its standard layout")
-    p.add_argument("--limit", type=int, default=None, help="first N validation images only")
-    p.add_argument("--out", default="eval-out", help="folder for the cache and results.json")
+    p.add_argument("--limit", type=_positive, default=None, help="first N validation images only")
+    p.add_argument("--out", default="eval-out",
+                   help="folder for the cache and results.json; a rerun with the same settings resumes")
+    p.add_argument("--overwrite", action="store_true",
+                   help="discard a previous run in --out made with other settings")
+    p.add_argument("--skip-bad", action="store_true",
+                   help="skip unreadable samples (counted in results.json) instead of stopping")
     p.add_argument("--matching", choices=["dataset", "image"], default="dataset",
                    help="Hungarian matching over the whole dataset (STEGO) or per image (DiffSeg)")
     p.add_argument("--concepts", choices=["image", "dataset"], default="image",
@@ -53,21 +71,48 @@ def _predict(seg, sample) -> dict:
             "embeddings": r.mask_embeddings}
 
 
+def check_run(out: Path, settings: dict, overwrite: bool = False) -> None:
+    """A cache made with other settings is never mixed in: refused, naming what differs,
+    or with `overwrite` deleted. Same settings: resume."""
+    run_file = out / "run.json"
+    if not run_file.exists():
+        return
+    old = json.loads(run_file.read_text())
+    if old == settings:
+        return
+    if not overwrite:
+        diff = ", ".join(f"{k}: {old.get(k)!r} there, {settings.get(k)!r} now"
+                         for k in sorted(set(old) | set(settings)) if old.get(k) != settings.get(k))
+        raise ValueError(f"{out} holds a run with other settings ({diff}); use another --out or --overwrite")
+    shutil.rmtree(out / "cache", ignore_errors=True)
+    for name in ("run.json", "results.json"):
+        (out / name).unlink(missing_ok=True)
+
+
 def evaluate(seg, dataset: SegmentationDataset, out: Path, settings: dict, matching="dataset", concepts="image",
-             progress: bool = True) -> dict:
+             progress: bool = True, skip_bad: bool = False) -> dict:
     from tqdm import tqdm
 
+    from .datasets import DatasetError
+    from .images import ImageError
+
+    check_run(out, settings)
     cache = out / "cache"
     cache.mkdir(parents=True, exist_ok=True)
-    run_file = out / "run.json"
-    if run_file.exists() and json.loads(run_file.read_text()) != settings:
-        raise ValueError(f"{out} holds results of a run with other settings ({run_file}); use another --out")
-    atomic_write(run_file, json.dumps(settings, indent=1).encode())
+    atomic_write(out / "run.json", json.dumps(settings, indent=1).encode())
     methods = ["emerdiff", "naive"] if seg.backend != "naive" else ["naive"]
     scores = {m: (UnsupervisedMIoU(dataset.num_classes, matching=matching),
                   ConceptMIoU(dataset.num_classes, concepts=concepts)) for m in methods}
+    bad = []
     for i in tqdm(range(len(dataset)), desc=f"eval {dataset.name}", unit="img", disable=not progress):
-        sample = dataset[i]
+        try:
+            sample = dataset[i]
+        except (DatasetError, ImageError) as exc:
+            if not skip_bad:
+                raise DatasetError(f"{exc} (--skip-bad skips unreadable samples)") from None
+            log.warning("skipped: %s", exc)
+            bad.append(dataset.items[i][0])
+            continue
         path = cache / f"{sample.name}.npz"
         if path.exists():
             pred = dict(np.load(path))
@@ -79,7 +124,8 @@ def evaluate(seg, dataset: SegmentationDataset, out: Path, settings: dict, match
         for m in methods:
             scores[m][0].update(pred[m], sample.label)
             scores[m][1].update(pred[m], pred["embeddings"], sample.label)
-    results = {"settings": settings, "images": len(dataset), "matching": matching, "concepts": concepts}
+    results = {"settings": settings, "images": len(dataset) - len(bad), "skipped_unreadable": bad,
+               "matching": matching, "concepts": concepts}
     for m in methods:
         trad, mod = scores[m][0].compute(), scores[m][1].compute()
         results[m] = {"traditional": trad.to_dict(), "modified": mod.to_dict()}
@@ -98,18 +144,25 @@ def format_table(results: dict) -> str:
 
 
 def cmd_eval(args) -> int:
-    from .cli import build_segmenter
-    from .datasets import DatasetError
+    from .cli import build_segmenter, check_device, check_out_dir
+    from .images import set_max_pixels
 
-    try:
-        dataset = SegmentationDataset(args.dataset, args.root, args.limit)
-    except DatasetError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    seg = build_segmenter(args)
+    set_max_pixels(args.max_pixels)
+    dataset = SegmentationDataset(args.dataset, args.root, args.limit)
     out = Path(args.out)
-    results = evaluate(seg, dataset, out, _settings(args, seg.backend), args.matching, args.concepts,
-                       progress=not args.quiet)
+    check_out_dir(out)
+    check_device(args.device)
+    settings = _settings(args, args.backend)
+    check_run(out, settings, overwrite=args.overwrite)  # before the model loads
+    seg = build_segmenter(args)
+    try:
+        results = evaluate(seg, dataset, out, settings, args.matching, args.concepts,
+                           progress=not args.quiet, skip_bad=args.skip_bad)
+    except KeyboardInterrupt:
+        cached = len(list((out / "cache").glob("*.npz")))
+        print(f"interrupted: {cached} of {len(dataset)} images cached in {out / 'cache'}; rerun the same "
+              "command to resume", file=sys.stderr)
+        return 130
     print(format_table(results))
     print(f"wrote {out / 'results.json'}")
     return 0

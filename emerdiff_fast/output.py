@@ -1,8 +1,10 @@
-"""Writing results: palette label PNGs, overlays, npz, all written atomically."""
+"""Writing results: palette label PNGs, overlays, npz, legends, COCO RLE and per-segment
+masks, all written atomically."""
 from __future__ import annotations
 
 import colorsys
 import io
+import json
 import os
 from pathlib import Path
 
@@ -44,25 +46,113 @@ def label_png(labels: np.ndarray) -> Image.Image:
     return im
 
 
+def boundaries(labels: np.ndarray) -> np.ndarray:
+    """(H, W) bool: pixels whose right or lower neighbour has another label."""
+    edge = np.zeros(labels.shape, bool)
+    edge[:, :-1] |= labels[:, :-1] != labels[:, 1:]
+    edge[:-1, :] |= labels[:-1, :] != labels[1:, :]
+    return edge
+
+
 def overlay(photo: Image.Image, labels: np.ndarray, alpha: float = 0.5) -> Image.Image:
+    """Segment colours blended over the photo, segment boundaries drawn in white."""
     colours = palette()[labels]
     base = np.asarray(photo.convert("RGB").resize((labels.shape[1], labels.shape[0])), dtype=np.float32)
-    return Image.fromarray((base * (1 - alpha) + colours * alpha).round().astype(np.uint8), "RGB")
+    out = (base * (1 - alpha) + colours * alpha).round().astype(np.uint8)
+    out[boundaries(labels)] = 255
+    return Image.fromarray(out, "RGB")
+
+
+def rle_encode(mask: np.ndarray) -> dict:
+    """COCO run-length encoding of a binary (H, W) mask, pycocotools' convention: runs over
+    the column-major (Fortran) order starting with a run of zeros, the counts compressed
+    into a string as pycocotools' rleToString does (from the fourth count on, each count is
+    stored as its difference to the count two before; 5-bit groups with a continuation
+    bit, offset by 48 into printable ASCII). tests/test_output.py checks it against
+    pycocotools."""
+    flat = np.asarray(mask, bool).flatten(order="F")
+    change = np.flatnonzero(flat[1:] != flat[:-1]) + 1
+    bounds = np.concatenate([[0], change, [flat.size]])
+    counts = np.diff(bounds).tolist()
+    if flat.size and flat[0]:
+        counts = [0] + counts
+    chars = []
+    for i, c in enumerate(counts):
+        x = c - counts[i - 2] if i > 2 else c
+        more = True
+        while more:
+            ch = x & 0x1F
+            x >>= 5
+            more = not ((ch & 0x10 == 0 and x == 0) or (ch & 0x10 and x == -1))
+            if more:
+                ch |= 0x20
+            chars.append(chr(ch + 48))
+    return {"size": [int(mask.shape[0]), int(mask.shape[1])], "counts": "".join(chars)}
+
+
+def segments(labels: np.ndarray) -> list[dict]:
+    """One record per segment present: id, area, bbox [x, y, w, h] (COCO), colour."""
+    out = []
+    for i in np.unique(labels).tolist():
+        m = labels == i
+        ys, xs = np.nonzero(m.any(1))[0], np.nonzero(m.any(0))[0]
+        r, g, b = palette()[i].tolist()
+        out.append({"id": int(i), "area": int(m.sum()),
+                    "bbox": [int(xs[0]), int(ys[0]), int(xs[-1] - xs[0] + 1), int(ys[-1] - ys[0] + 1)],
+                    "color": f"#{r:02x}{g:02x}{b:02x}"})
+    return out
+
+
+FORMATS = ("labels", "overlay", "npz", "legend", "rle", "masks")
+DEFAULT_FORMATS = ("labels", "overlay", "npz", "legend")
+
+
+def output_files(name: str, formats, labels: np.ndarray | None = None) -> list[str]:
+    """File names (relative to the output folder) that `formats` give for image `name`.
+    Per-segment masks go to NAME.masks/ID.png; without `labels` that folder is listed."""
+    names = {"labels": f"{name}.labels.png", "overlay": f"{name}.overlay.png", "npz": f"{name}.npz",
+             "legend": f"{name}.legend.json", "rle": f"{name}.rle.json"}
+    files = [names[f] for f in formats if f in names]
+    if "masks" in formats:
+        files += ([f"{name}.masks/{i}.png" for i in np.unique(labels).tolist()] if labels is not None
+                  else [f"{name}.masks"])
+    return files
 
 
 def save_result(result: SegmentationResult, photo: Image.Image, out_dir: Path, name: str,
-                difference_maps: bool = False) -> list[Path]:
-    """NAME.labels.png, NAME.overlay.png, NAME.npz under out_dir; returns the paths."""
-    out_dir.mkdir(parents=True, exist_ok=True)
-    arrays = {"labels": result.labels, "low_res_labels": result.low_res_labels,
-              "mask_embeddings": result.mask_embeddings}
-    if difference_maps and result.difference_maps is not None:
-        arrays["difference_maps"] = result.difference_maps
-    buf = io.BytesIO()
-    np.savez_compressed(buf, **arrays)
-    files = {f"{name}.labels.png": _png(label_png(result.labels)),
-             f"{name}.overlay.png": _png(overlay(photo, result.labels)),
-             f"{name}.npz": buf.getvalue()}
+                difference_maps: bool = False, formats=DEFAULT_FORMATS) -> list[Path]:
+    """The chosen formats for one image under out_dir (name may hold sub-folders):
+    NAME.labels.png (palette PNG, pixel value = segment id), NAME.overlay.png, NAME.npz,
+    NAME.legend.json (id -> colour, area, bbox), NAME.rle.json (COCO RLE records) and
+    NAME.masks/ID.png (binary masks). The npz is written last, so its presence marks a
+    complete set. Returns the paths."""
+    unknown = set(formats) - set(FORMATS)
+    if unknown:
+        raise ValueError(f"unknown output formats {sorted(unknown)}; choose from {list(FORMATS)}")
+    labels = result.labels
+    records = segments(labels)
+    files: dict[str, bytes] = {}
+    if "labels" in formats:
+        files[f"{name}.labels.png"] = _png(label_png(labels))
+    if "overlay" in formats:
+        files[f"{name}.overlay.png"] = _png(overlay(photo, labels))
+    if "legend" in formats:
+        files[f"{name}.legend.json"] = json.dumps({"segments": records}, indent=1).encode()
+    if "rle" in formats:
+        coco = [{**r, "segmentation": rle_encode(labels == r["id"])} for r in records]
+        files[f"{name}.rle.json"] = json.dumps(coco).encode()
+    if "masks" in formats:
+        for r in records:
+            files[f"{name}.masks/{r['id']}.png"] = _png(Image.fromarray((labels == r["id"]).astype(np.uint8) * 255, "L"))
+    if "npz" in formats:
+        arrays = {"labels": labels, "low_res_labels": result.low_res_labels,
+                  "mask_embeddings": result.mask_embeddings}
+        if difference_maps and result.difference_maps is not None:
+            arrays["difference_maps"] = result.difference_maps
+        buf = io.BytesIO()
+        np.savez_compressed(buf, **arrays)
+        files[f"{name}.npz"] = buf.getvalue()
     for fname, data in files.items():
+        (out_dir / fname).parent.mkdir(parents=True, exist_ok=True)
         atomic_write(out_dir / fname, data)
     return [out_dir / f for f in files]

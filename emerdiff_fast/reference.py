@@ -36,8 +36,19 @@ def decode_pairs(seg, x: torch.Tensor, sign: list[int], decode_batch: int) -> to
     """Final latents of (+, -) member pairs (padding members last) -> their difference maps."""
     n_real = sum(s != 0 for s in sign)
     lat = x[:n_real]
-    imgs = torch.cat([seg.decode(lat[s:s + decode_batch]) for s in range(0, n_real, decode_batch)])
+    imgs = []
+    for s in range(0, n_real, decode_batch):
+        imgs.append(seg.decode(lat[s:s + decode_batch]))
+        seg.tick()
+    imgs = torch.cat(imgs)
     return difference_map(imgs[1::2], imgs[0::2])
+
+
+def work_units(plan: list, steps: int, decode_batch: int, extra_runs: int = 0) -> int:
+    """Progress units of one image: UNet steps per chunk (plus `extra_runs` unbatched runs)
+    and VAE decode calls."""
+    decodes = sum(-(-sum(s != 0 for s in sign) // decode_batch) for _, sign in plan)
+    return (len(plan) + extra_runs) * steps + decodes
 
 
 def difference_maps(seg, traj: Trajectory, masks: torch.Tensor, timings: dict,
@@ -47,21 +58,23 @@ def difference_maps(seg, traj: Trajectory, masks: torch.Tensor, timings: dict,
     backend's batching-only mode (FastOptions(share_attention=False)) passes more."""
     cfg = seg.config
     state = RunState(mode="record", modulated_layer=cfg.modulated_layer)
+    plan = chunk_plan(masks.shape[0], chunk)
+    seg.begin_work(work_units(plan, len(traj), decode_batch, extra_runs=1), "denoise+decode")
     out = []
     with installed(seg.unet, make_processors(seg.unet, ReferenceProcessor, state)):
         with timed(timings, "denoise", seg.device):
-            z = reference_run(seg.unet, traj, state, seg.context, seg.dtype)
+            z = reference_run(seg.unet, traj, state, seg.context, seg.dtype, on_step=seg.tick)
 
         def update(i, x, eps):
             return traj.step(i, x, eps, z[i])
 
         state.mode = "inject"
-        for index, sign in chunk_plan(masks.shape[0], chunk):
+        for index, sign in plan:
             state.modulation = Modulation(masks, torch.tensor(index, device=seg.device),
                                           torch.tensor(sign, device=seg.device, dtype=torch.float32) * cfg.lam)
             with timed(timings, "denoise", seg.device):
                 x = denoise(seg.unet, traj, traj.latents[0].expand(chunk, -1, -1, -1), update, state,
-                            seg.context, seg.dtype, cfg.modulate_steps)
+                            seg.context, seg.dtype, cfg.modulate_steps, on_step=seg.tick)
             with timed(timings, "decode", seg.device):
                 out.append(decode_pairs(seg, x, sign, decode_batch))
     return torch.cat(out)

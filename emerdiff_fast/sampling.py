@@ -172,11 +172,12 @@ Update = Callable[[int, torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 def denoise(unet, traj: Trajectory, x: torch.Tensor, update: Update, state, context: torch.Tensor,
-            model_dtype: torch.dtype, modulate_steps: int) -> torch.Tensor:
+            model_dtype: torch.dtype, modulate_steps: int, on_step: Callable[[], None] | None = None) -> torch.Tensor:
     """Walk the trajectory from t_modulate to the end: x <- update(i, x, eps) per step.
 
     `state` (attention.RunState) learns the step index and whether to modulate now. The loop
     body reads no tensor values on the host, and every UNet call has the same shapes.
+    `on_step` (a progress tick) is called after each step's launches, without a sync.
     """
     ctx = context.expand(x.shape[0], -1, -1)
     for i in range(len(traj)):
@@ -184,10 +185,13 @@ def denoise(unet, traj: Trajectory, x: torch.Tensor, update: Update, state, cont
         state.modulate_now = state.modulation is not None and i < modulate_steps
         eps = unet(x.to(model_dtype), traj.timesteps[i], encoder_hidden_states=ctx).sample
         x = update(i, x, eps.to(x.dtype))
+        if on_step is not None:
+            on_step()
     return x
 
 
-def reference_run(unet, traj: Trajectory, state, context: torch.Tensor, model_dtype: torch.dtype) -> torch.Tensor:
+def reference_run(unet, traj: Trajectory, state, context: torch.Tensor, model_dtype: torch.dtype,
+                  on_step: Callable[[], None] | None = None) -> torch.Tensor:
     """The unmodulated run of SPEC 1.5: the UNet at each sampled x_t (the processors in
     `state` record what injection needs), and the noise maps z_t: (S, 1, C, h, w)."""
     zs = []
@@ -196,5 +200,5 @@ def reference_run(unet, traj: Trajectory, state, context: torch.Tensor, model_dt
         zs.append(traj.solve_noise(i, x, eps))
         return traj.latents[i + 1]
 
-    denoise(unet, traj, traj.latents[0], update, state, context, model_dtype, modulate_steps=0)
+    denoise(unet, traj, traj.latents[0], update, state, context, model_dtype, modulate_steps=0, on_step=on_step)
     return torch.stack(zs)

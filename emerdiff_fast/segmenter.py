@@ -5,13 +5,16 @@ maps from the trajectory (reference.py: one modulated run per mask, engine.py: o
 run for all masks). The trajectory and the denoising loop are sampling.py's."""
 from __future__ import annotations
 
+import logging
+import time
+
 import torch
 
 from . import engine, reference
 from .attention import RunState, find_module
 from .config import ConfigError, EmerDiffConfig
 from .engine import FastOptions
-from .images import load_image, resize_labels, to_model_input
+from .images import ImageError, load_image, resize_labels, to_model_input
 from .kmeans import kmeans
 from .maps import assign_labels, gaussian_blur, mask_embeddings, masks_from_labels, naive_upsample
 from .result import SegmentationResult
@@ -20,6 +23,8 @@ from .sampling import (ReverseSchedule, alphas_cumprod, feature_noise, latent_dt
 from .timing import timed
 
 BACKENDS = ("reference", "fast", "naive")
+ERRORS = ("raise", "skip")
+log = logging.getLogger("emerdiff_fast")
 
 
 class _StopForward(Exception):
@@ -29,17 +34,19 @@ class _StopForward(Exception):
 class EmerDiff:
     """Segment images with a Stable Diffusion pipeline.
 
-    backend: "reference" (the literal method), "fast" (same function, batched; see
-    engine.py) or "naive" (bilinear upsampling of the low-resolution masks).
+    backend: "fast" (the default: the literal method's function, batched; see engine.py),
+    "reference" (the literal method) or "naive" (bilinear upsampling of the low-resolution
+    masks).
     Fast-path options: compile (torch.compile the UNet; False or a mode string such as
     "default" / "max-autotune-no-cudagraphs"), max_batch (modulated runs per denoising
     batch; None = all 2K on CPU, a free-memory estimate on CUDA), decode_batch (images per
     VAE decode call; None = min(chunk, 8)),
     options (engine.FastOptions: switch single techniques off; channels_last=True converts
-    the pipeline's UNet and VAE in place).
+    the pipeline's UNet and VAE in place), progress (a per-image tqdm bar over the
+    denoising steps x chunks and the decodes).
     """
 
-    def __init__(self, pipe, config: EmerDiffConfig | None = None, backend: str = "reference", *,
+    def __init__(self, pipe, config: EmerDiffConfig | None = None, backend: str = "fast", *,
                  compile: bool | str = False, max_batch: int | None = None, decode_batch: int | None = None,
                  options: FastOptions | None = None, progress: bool = False):
         if backend not in BACKENDS:
@@ -73,6 +80,44 @@ class EmerDiff:
         # compiled UNet's guards on processor identity keep holding across images
         self._fast_state: RunState | None = None
         self._fast_procs: dict | None = None
+        self._compiled_batches: set[int] = set()
+        self._bar = None
+
+    # ---- progress (host-side counters only: no device sync) ----------------------------
+    def begin_work(self, total: int, desc: str) -> None:
+        """Backends announce their units of work (UNet steps x chunks + decode calls)."""
+        if self.progress:
+            from tqdm import tqdm
+
+            self._bar = tqdm(total=total, desc=desc, unit="step", leave=False)
+
+    def tick(self, n: int = 1) -> None:
+        if self._bar is not None:
+            self._bar.update(n)
+
+    def end_work(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+            self._bar = None
+
+    def compiling(self, batch: int):
+        """Context for a UNet call batch: says so, and how long it took, when torch.compile
+        traces a new shape (the first call only)."""
+        import contextlib
+
+        if not self.compile_mode or batch in self._compiled_batches:
+            return contextlib.nullcontext()
+        self._compiled_batches.add(batch)
+        log.info("compiling the UNet for batch %d (first call only; typically 1-3 min, longer with "
+                 "max-autotune)", batch)
+
+        @contextlib.contextmanager
+        def report():
+            start = time.perf_counter()
+            yield
+            log.info("first compiled chunk done in %.0f s (compile included)", time.perf_counter() - start)
+
+        return report()
 
     # ---- shared stages ---------------------------------------------------------------
     def encode(self, pixels: torch.Tensor) -> torch.Tensor:
@@ -107,16 +152,37 @@ class EmerDiff:
         return captured["q"].float().mean(0)
 
     # ---- the call --------------------------------------------------------------------
-    def __call__(self, images):
+    def __call__(self, images, errors: str = "raise"):
+        """One image (path, PIL, array, tensor) -> SegmentationResult; a list -> a list.
+        errors="skip": an image that cannot be read or gives NaN is logged and its place
+        in the returned list holds None, so the others are not lost."""
         single = not isinstance(images, (list, tuple))
-        results = self.segment(list([images] if single else images))
+        results = self.segment(list([images] if single else images), errors=errors)
         return results[0] if single else results
 
     @torch.inference_mode()
-    def segment(self, images: list) -> list[SegmentationResult]:
+    def segment(self, images: list, errors: str = "raise") -> list[SegmentationResult | None]:
+        if errors not in ERRORS:
+            raise ValueError(f"errors must be one of {ERRORS}, got {errors!r}")
+        loaded = []
+        for im in images:
+            try:
+                loaded.append(load_image(im))
+            except ImageError as exc:
+                if errors == "raise":
+                    raise
+                log.warning("skipped: %s", exc)
+                loaded.append(None)
+        good = [i for i, im in enumerate(loaded) if im is not None]
+        out: list[SegmentationResult | None] = [None] * len(images)
+        if good:
+            for i, r in zip(good, self._segment([loaded[i] for i in good], errors)):
+                out[i] = r
+        return out
+
+    def _segment(self, pil: list, errors: str) -> list[SegmentationResult | None]:
         cfg = self.config
         timings: dict[str, float] = {}
-        pil = [load_image(im) for im in images]
         with timed(timings, "encode", self.device):
             latents = self.encode(torch.stack([to_model_input(im, cfg.resolution) for im in pil]))
         latent_shape = tuple(latents.shape[1:])
@@ -127,16 +193,22 @@ class EmerDiff:
         side = int(round(n_pos ** 0.5))
         if cfg.num_masks > n_pos:
             raise ConfigError(f"num_masks={cfg.num_masks} exceeds the {n_pos} positions of the feature grid")
-        if not torch.isfinite(feats).all():
-            raise FloatingPointError("the feature run produced NaN/inf (try float32 or bfloat16)")
+        finite = torch.isfinite(feats).flatten(1).all(1).tolist()  # once per call, outside any loop
+        ok = [j for j, f in enumerate(finite) if f]
+        if len(ok) < len(pil):
+            self._fail(errors, f"the feature run produced NaN/inf for {len(pil) - len(ok)} of {len(pil)} "
+                               "images (try float32 or bfloat16)")
+        if not ok:
+            return [None] * len(pil)
         with timed(timings, "kmeans", self.device):
-            km = kmeans(feats, cfg.num_masks, restarts=cfg.kmeans_restarts, max_iter=cfg.kmeans_iterations,
+            km = kmeans(feats[ok], cfg.num_masks, restarts=cfg.kmeans_restarts, max_iter=cfg.kmeans_iterations,
                         seed=cfg.seed, use_triton=self.backend == "fast" and self.options.triton_kmeans)
         step_noise = trajectory_noise(cfg.seed, latent_shape, self.schedule.grid)
-        results = []
-        for j, im in enumerate(pil):
+        results: list[SegmentationResult | None] = [None] * len(pil)
+        for row, j in enumerate(ok):
+            im = pil[j]
             t = dict(timings)
-            low_res = km.labels[j]
+            low_res = km.labels[row]
             if self.backend == "naive":
                 with timed(t, "postprocess", self.device):
                     labels = naive_upsample(low_res.view(side, side), cfg.num_masks, (cfg.resolution,) * 2)
@@ -145,18 +217,28 @@ class EmerDiff:
                 masks = masks_from_labels(low_res, cfg.num_masks).to(self.device)
                 traj = sample_trajectory(self.schedule, latents[j:j + 1], step_noise, latent_dtype(self.dtype))
                 backend = reference if self.backend == "reference" else engine
-                diffs = backend.difference_maps(self, traj, masks, t)
+                try:
+                    diffs = backend.difference_maps(self, traj, masks, t)
+                finally:
+                    self.end_work()
                 if not torch.isfinite(diffs).all():
-                    raise FloatingPointError("difference maps contain NaN/inf (the model overflowed in "
-                                             f"{self.dtype}; try float32 or bfloat16)")
+                    self._fail(errors, "difference maps contain NaN/inf (the model overflowed in "
+                                       f"{self.dtype}; try float32 or bfloat16)")
+                    continue
                 with timed(t, "postprocess", self.device):
                     labels = assign_labels(gaussian_blur(diffs, cfg.gaussian_sigma))
             labels = resize_labels(labels.cpu(), (im.size[1], im.size[0]))
-            results.append(SegmentationResult(
+            results[j] = SegmentationResult(
                 labels=labels.numpy().astype("int32"),
                 low_res_labels=low_res.view(side, side).cpu().numpy().astype("int32"),
                 difference_maps=None if diffs is None else diffs.float().cpu().numpy(),
                 mask_embeddings=mask_embeddings(feats[j], low_res, cfg.num_masks).cpu().numpy(),
-                config=cfg, backend=self.backend, timings=t))
+                config=cfg, backend=self.backend, timings=t)
         return results
+
+    @staticmethod
+    def _fail(errors: str, message: str) -> None:
+        if errors == "raise":
+            raise FloatingPointError(message)
+        log.warning("skipped: %s", message)
 

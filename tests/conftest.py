@@ -35,3 +35,17 @@ def rand_image():
 
 def rel_err(a, b):
     return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30))
+
+
+@pytest.fixture
+def our_log(caplog):
+    """caplog for the "emerdiff_fast" logger, also after the CLI set it not to propagate."""
+    import logging
+
+    logger = logging.getLogger("emerdiff_fast")
+    old_level = logger.level
+    logger.addHandler(caplog.handler)
+    logger.setLevel(logging.INFO)
+    yield caplog
+    logger.removeHandler(caplog.handler)
+    logger.setLevel(old_level)

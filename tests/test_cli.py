@@ -27,11 +27,16 @@ def test_bad_inputs_are_reported_and_others_processed(photo_path, tmp_path, caps
     (d / "broken.jpg").write_bytes(b"\xff\xd8 truncated")
     (d / "notes.txt").write_text("ignored: not an image suffix")
     out = tmp_path / "out"
-    rc = main(["segment", str(d), str(tmp_path / "missing.png"), "--out", str(out), "--backend", "naive", *ARGS])
+    rc = main(["segment", str(d), "--out", str(out), "--backend", "naive", *ARGS])
     err = capsys.readouterr().err
     assert rc == 1
-    assert "broken.jpg" in err and "not an image or corrupt" in err and "missing.png' not found" in err
-    assert sorted(p.name for p in out.iterdir()) == ["a_photo.labels.png", "a_photo.npz", "a_photo.overlay.png"]
+    assert "broken.jpg" in err and "not an image or corrupt" in err and "1 of 2 images failed" in err
+    assert sorted(p.name for p in out.iterdir()) == ["a_photo.labels.png", "a_photo.legend.json", "a_photo.npz",
+                                                    "a_photo.overlay.png"]
+    # a missing input is found before any work
+    assert main(["segment", str(d), str(tmp_path / "missing.png"), "--out", str(tmp_path / "o2"), *ARGS]) == 2
+    assert capsys.readouterr().err.strip().endswith("missing.png' not found")
+    assert not (tmp_path / "o2").exists()
 
 
 def test_bad_model_and_config_exit_2(photo_path, tmp_path, capsys):

@@ -110,8 +110,9 @@ def test_eval_end_to_end_with_interruption_and_resume(tmp_path, capsys, monkeypa
         return real(seg, sample)
 
     monkeypatch.setattr(evaluate, "_predict", flaky)
-    with pytest.raises(KeyboardInterrupt):
-        main(args + ["--out", str(tmp_path / "resumed")])
+    assert main(args + ["--out", str(tmp_path / "resumed")]) == 130  # Ctrl-C: one line, exit 130
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        f"interrupted: 1 of 2 images cached in {tmp_path / 'resumed/cache'}; rerun the same command to resume")
     assert len(list((tmp_path / "resumed/cache").glob("*.npz"))) == 1
     assert not (tmp_path / "resumed/results.json").exists()
 
@@ -123,7 +124,9 @@ def test_eval_end_to_end_with_interruption_and_resume(tmp_path, capsys, monkeypa
 
     # other settings into the same folder are refused, not mixed
     assert main(args[:-1] + ["--masks", "4", "--quiet", "--out", str(tmp_path / "resumed")]) == 2
-    assert "other settings" in capsys.readouterr().err
+    assert "other settings (masks: 3 there, 4 now)" in capsys.readouterr().err
+    assert main(args[:-1] + ["--masks", "4", "--quiet", "--overwrite", "--out", str(tmp_path / "resumed")]) == 0
+    assert json.loads((tmp_path / "resumed/run.json").read_text())["masks"] == 4
 
 
 def test_eval_bad_root_message(tmp_path, capsys):
