@@ -156,30 +156,46 @@ def parse_formats(value: str) -> tuple[str, ...]:
 def cmd_segment(args) -> int:
     from tqdm import tqdm
 
+    from . import distributed
     from .images import ImageError, load_image, set_max_pixels
     from .output import output_files, save_result
 
     set_max_pixels(args.max_pixels)
-    paths, names = list_inputs(args)
+    shard = distributed.from_env(args.device)  # under torchrun: this rank's share, its own GPU
+    args.device = shard.device(args.device)
     out_dir = Path(args.out)
-    check_out_dir(out_dir)
-    check_device(args.device)
-    done = [all((out_dir / f).exists() for f in output_files(n, args.format)) for n in names]
-    existing = [n for n in names if any((out_dir / f).exists() for f in output_files(n, args.format))]
-    if existing and not (args.overwrite or args.skip_existing):
-        raise UsageError(f"{len(existing)} of {len(paths)} outputs already exist in {out_dir} (first: "
-                         f"{existing[0]}); use --skip-existing to resume or --overwrite to replace them")
-    todo = [(p, n) for p, n, d in zip(paths, names, done) if not (args.skip_existing and d)]
-    skipped = len(paths) - len(todo)
-    if skipped:
+    problem, todo, skipped = None, [], 0
+    try:
+        paths, names = list_inputs(args)
+        check_device(args.device)
+        # every rank looks before any rank writes (agree() below is a sync point)
+        done = [all((out_dir / f).exists() for f in output_files(n, args.format)) for n in names]
+        existing = [n for n in names if any((out_dir / f).exists() for f in output_files(n, args.format))]
+        if shard.is_main:
+            check_out_dir(out_dir)
+            if existing and not (args.overwrite or args.skip_existing):
+                raise UsageError(f"{len(existing)} of {len(paths)} outputs already exist in {out_dir} (first: "
+                                 f"{existing[0]}); use --skip-existing to resume or --overwrite to replace them")
+        todo = [(p, n) for p, n, d in zip(paths, names, done) if not (args.skip_existing and d)]
+        skipped = len(paths) - len(todo)
+    except UsageError as exc:
+        problem = str(exc)
+    problem = shard.agree(problem)
+    if problem:
+        distributed.finish(shard)
+        raise UsageError(problem)
+    todo = shard.take(todo)
+    prefix = shard.log_prefix()
+    if skipped and shard.is_main:
         log.info("skipping %d of %d images whose outputs exist (--skip-existing)", skipped, len(paths))
     if not todo:
-        log.info("nothing to do: all %d outputs exist in %s", len(paths), out_dir)
+        log.info("%snothing to do in %s", prefix, out_dir)
+        distributed.finish(shard)
         return 0
     seg = build_segmenter(args, progress=not args.quiet)
     failed, finished, start = 0, 0, time.perf_counter()
     try:
-        for path, name in tqdm(todo, desc="segment", unit="img", disable=args.quiet):
+        for path, name in tqdm(todo, desc=f"{prefix}segment", unit="img", disable=args.quiet):
             try:
                 photo = load_image(path)
                 result = seg(photo)
@@ -191,14 +207,15 @@ def cmd_segment(args) -> int:
                         formats=args.format)
             finished += 1
     except KeyboardInterrupt:
-        print(f"interrupted: {finished} of {len(todo)} images finished (complete) in {out_dir}; "
+        print(f"{prefix}interrupted: {finished} of {len(todo)} images finished (complete) in {out_dir}; "
               "rerun with --skip-existing to resume", file=sys.stderr)
         return 130
     seconds = (time.perf_counter() - start) / max(finished + failed, 1)
-    log.info("done: %d segmented, %d skipped (existing), %d failed; %.1f s per image; outputs in %s",
-             finished, skipped, failed, seconds, out_dir)
+    log.info("%sdone: %d segmented, %d skipped (existing), %d failed; %.1f s per image; outputs in %s",
+             prefix, finished, skipped if shard.is_main else 0, failed, seconds, out_dir)
     if failed:
-        print(f"{failed} of {len(paths)} images failed", file=sys.stderr)
+        print(f"{prefix}{failed} of {len(todo)} images failed", file=sys.stderr)
+    distributed.finish(shard)
     return 1 if failed else 0
 
 

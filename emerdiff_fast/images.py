@@ -29,13 +29,15 @@ def set_max_pixels(limit: int | None) -> None:
         Image.MAX_IMAGE_PIXELS = limit
 
 
-def to_rgb(im: Image.Image) -> Image.Image:
+def to_rgb(im: Image.Image, orient: bool = True) -> Image.Image:
     """The picture as displayed, in 8-bit RGB: EXIF orientation applied, high bit depths
     scaled rather than clipped. 16-bit integer modes (I;16*) are scaled by their dtype
     range (v / 257, as a viewer shows them); 32-bit integer ("I") images whose values fit
     0..65535 likewise (Pillow opens some 16-bit files as "I"); other "I" and float ("F")
-    images by their own min..max range."""
-    im = ImageOps.exif_transpose(im)
+    images by their own min..max range. orient=False keeps the stored orientation (data
+    sets, whose label maps are aligned with the stored pixels)."""
+    if orient:
+        im = ImageOps.exif_transpose(im)
     if im.mode.startswith("I;16") or im.mode in ("I", "F"):
         arr = np.asarray(im, dtype=np.float64)
         lo, hi = (float(arr.min()), float(arr.max())) if arr.size else (0.0, 0.0)
@@ -46,7 +48,7 @@ def to_rgb(im: Image.Image) -> Image.Image:
     return im.convert("RGB")
 
 
-def _open(path: Path) -> Image.Image:
+def _open(path: Path, orient: bool = True) -> Image.Image:
     global _said_animated
     limit = Image.MAX_IMAGE_PIXELS
     try:
@@ -60,7 +62,7 @@ def _open(path: Path) -> Image.Image:
                     _said_animated = True
                     log.warning("%s is animated: using its first frame (said once per run)", path)
                 im.load()
-                return to_rgb(im)
+                return to_rgb(im, orient)
     except Image.DecompressionBombError as exc:
         raise ImageError(f"image {str(path)!r} is too large ({exc}; the limit is {limit / 1e6:.0f} M pixels, "
                          "raise it with --max-pixels)") from None
@@ -68,13 +70,13 @@ def _open(path: Path) -> Image.Image:
         raise ImageError(f"cannot read image {str(path)!r}: not an image or corrupt ({exc})") from None
 
 
-def load_image(image) -> Image.Image:
+def load_image(image, orient: bool = True) -> Image.Image:
     """Any supported input -> an 8-bit RGB PIL image as displayed (see to_rgb)."""
     if isinstance(image, (str, os.PathLike)):
         path = Path(image)
         if not path.is_file():
             raise ImageError(f"image {str(path)!r} not found")
-        return _open(path)
+        return _open(path, orient)
     if isinstance(image, Image.Image):
         return to_rgb(image)
     if isinstance(image, torch.Tensor):

@@ -3,11 +3,14 @@
 * `unsupervised_miou`: predicted segment ids carry no class, so they are matched to
   ground-truth classes by Hungarian assignment (scipy's linear_sum_assignment, maximising
   overlap). matching="dataset" (STEGO/PiCIE) makes one assignment on the confusion matrix
-  summed over all images; matching="image" (DiffSeg) matches every image separately, which
-  is more lenient: a segment id may mean a different class in every image.
+  summed over all images, which only means something when an id means the same thing in
+  every image: `cluster_masks` gives EmerDiff's per-image masks such dataset-wide ids.
+  matching="image" (DiffSeg) matches every image separately, which is more lenient: a
+  segment id may mean a different class in every image.
 * `concept_miou`: the paper's modified protocol. Every pixel carries its mask's embedding;
   the ground-truth pixels of each class are averaged into a concept embedding; each pixel is
-  labelled with its most cosine-similar concept. Concepts per image (default) or per dataset.
+  labelled with its most cosine-similar concept. Concepts per image or per dataset (two
+  passes: `add` every image, then `update` every image).
 
 Both accumulate statistics image by image (`update`) so a dataset never sits in memory.
 """
@@ -127,49 +130,102 @@ def _concepts(class_sums: np.ndarray, class_pixels: np.ndarray):
 class ConceptMIoU:
     """The paper's modified protocol. Each image is given as (segment labels (H, W), segment
     embeddings (K, C), ground truth (H, W)): a pixel's embedding is its segment's, so all
-    sums over pixels reduce to sums over segments weighted by the segment/class overlap."""
+    sums over pixels reduce to sums over segments weighted by the segment/class overlap.
+
+    concepts="image": `update` each image once. concepts="dataset": two passes, so no image
+    is kept in memory: `add` every image (sums the concept embeddings), then `update` every
+    image (labels it with the dataset's concepts)."""
 
     num_classes: int
     ignore_index: int = 255
     concepts: str = "image"      # "image": concepts from each image; "dataset": one set for all
     _conf: np.ndarray = field(init=False, repr=False)
     _sums: np.ndarray | None = field(default=None, init=False, repr=False)
-    _kept: list = field(default_factory=list, init=False, repr=False)
+    _pixels: np.ndarray | None = field(default=None, init=False, repr=False)
 
     def __post_init__(self):
         if self.concepts not in ("image", "dataset"):
             raise ValueError(f"concepts must be 'image' or 'dataset', got {self.concepts!r}")
         self._conf = np.zeros((self.num_classes, self.num_classes), np.int64)  # gt x predicted class
 
-    def update(self, labels: np.ndarray, embeddings: np.ndarray, gt: np.ndarray) -> None:
+    def _overlap(self, labels, embeddings, gt):
         emb = np.asarray(embeddings, np.float64)
         overlap = confusion(labels, gt, emb.shape[0], self.num_classes, self.ignore_index)  # (K, classes)
-        class_sums = overlap.T @ emb  # (classes, C): sum of pixel embeddings per class
-        if self.concepts == "image":
-            present, concepts = _concepts(class_sums, overlap.sum(0))
-            self._assign(overlap, emb, present, concepts)
-        else:  # two passes: concepts need the whole dataset, images are kept as segments only
-            self._sums = class_sums if self._sums is None else self._sums + class_sums
-            self._kept.append((overlap, emb))
+        return overlap, emb
 
-    def _assign(self, overlap, emb, present, concepts):
+    def add(self, labels: np.ndarray, embeddings: np.ndarray, gt: np.ndarray) -> None:
+        """Pass 1 of concepts="dataset": accumulate every class's summed pixel embeddings."""
+        overlap, emb = self._overlap(labels, embeddings, gt)
+        sums, pixels = overlap.T @ emb, overlap.sum(0)
+        self._sums = sums if self._sums is None else self._sums + sums
+        self._pixels = pixels if self._pixels is None else self._pixels + pixels
+
+    def update(self, labels: np.ndarray, embeddings: np.ndarray, gt: np.ndarray) -> None:
         """Label every segment (hence its pixels) with its most cosine-similar concept."""
+        overlap, emb = self._overlap(labels, embeddings, gt)
+        if self.concepts == "image":
+            present, concepts = _concepts(overlap.T @ emb, overlap.sum(0))
+        elif self._sums is None:
+            raise RuntimeError("concepts='dataset' needs add() on every image before update()")
+        else:
+            present, concepts = _concepts(self._sums, self._pixels)
         if present.size:
             seg_class = present[np.argmax(_normalise(emb) @ concepts.T, axis=1)]  # (K,)
             np.add.at(self._conf, (slice(None), seg_class), overlap.T)
 
     def compute(self) -> MetricResult:
-        if self.concepts == "dataset" and self._kept:
-            present, concepts = _concepts(self._sums, sum(o.sum(0) for o, _ in self._kept))
-            for overlap, emb in self._kept:
-                self._assign(overlap, emb, present, concepts)
-            self._kept = []
         tp = np.diag(self._conf)
         return _class_scores(tp, self._conf.sum(0), self._conf.sum(1))
 
 
 def concept_miou(labels, embeddings, gts, num_classes: int, ignore_index: int = 255, concepts: str = "image") -> MetricResult:
+    labels, embeddings, gts = list(labels), list(embeddings), list(gts)
     metric = ConceptMIoU(num_classes, ignore_index, concepts)
+    if concepts == "dataset":
+        for lab, emb, gt in zip(labels, embeddings, gts, strict=True):
+            metric.add(lab, emb, gt)
     for lab, emb, gt in zip(labels, embeddings, gts, strict=True):
         metric.update(lab, emb, gt)
     return metric.compute()
+
+
+@dataclass
+class DatasetClusters:
+    """Dataset-consistent segment ids for the traditional protocol: every image's mask
+    embeddings clustered together, so an id means the same thing in every image."""
+
+    ids: list[np.ndarray]    # per image, (K,) dataset cluster of each of its masks
+    num_clusters: int        # min(requested, number of non-empty masks)
+    inertia: float
+
+
+def cluster_masks(embeddings: list[np.ndarray], sizes: list[np.ndarray], num_clusters: int, *, seed: int = 0,
+                  restarts: int = 10, max_iter: int = 100, device="cpu") -> DatasetClusters:
+    """k-means (the project's batched k-means: k-means++, `restarts` restarts, lowest inertia)
+    over the embeddings of all non-empty masks of all images (choice: each mask is one
+    point, unweighted by its area, in the raw feature space the per-image k-means uses).
+    Empty masks (size 0) take their nearest centroid. With fewer non-empty masks than
+    requested clusters (a --limit run), one cluster per mask."""
+    import torch
+
+    from .kmeans import kmeans
+
+    keep = [np.asarray(s) > 0 for s in sizes]
+    points = np.concatenate([np.asarray(e, np.float32)[k] for e, k in zip(embeddings, keep)])
+    if not len(points):
+        raise ValueError("no non-empty masks to cluster")
+    c = min(num_clusters, len(points))
+    x = torch.from_numpy(points).to(device)[None]
+    res = kmeans(x, c, restarts=restarts, max_iter=max_iter, seed=seed,
+                 use_triton=torch.device(device).type == "cuda")
+    centroids = res.centroids[0].cpu().numpy().astype(np.float64)
+    labels = res.labels[0].cpu().numpy()
+    ids, start = [], 0
+    for e, k in zip(embeddings, keep):
+        e = np.asarray(e, np.float64)
+        nearest = ((e[:, None, :] - centroids[None]) ** 2).sum(-1).argmin(1)
+        mine = nearest.copy()
+        mine[k] = labels[start:start + k.sum()]
+        start += int(k.sum())
+        ids.append(mine)
+    return DatasetClusters(ids, c, float(res.inertia[0]))

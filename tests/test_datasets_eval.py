@@ -35,7 +35,7 @@ def make_fixture(name, root):
         for i in ("ADE_val_00000001", "ADE_val_00000002"):
             _img(base / f"images/validation/{i}.jpg")
             _lab(base / f"annotations/validation/{i}.png", raw)
-    elif name == "cityscapes":
+    elif name in ("cityscapes", "cityscapes19"):
         raw[:20], raw[20:], raw[0, 0] = 7, 26, 3         # road (7), car (26), out of roi (3)
         for i in ("frankfurt_000000_000294", "lindau_000000_000019"):
             city = i.split("_")[0]
@@ -49,12 +49,25 @@ def make_fixture(name, root):
         for i in ("2008_000002", "2008_000003"):
             _img(voc / f"JPEGImages/{i}.jpg")
             _lab(voc / f"SegmentationClassContext/{i}.png", raw)
+    elif name == "pascal_context459":
+        # detectron2 layout of the open-vocabulary projects: 16-bit TIFFs, LabelMap - 1, so
+        # 0-based ids 0..458 and the unlabelled 0 wrapped to 65535
+        lab = np.zeros((40, 48), np.uint16)
+        lab[:20], lab[20:], lab[0, 0] = 300, 458, 65535
+        voc = root / "VOCdevkit/VOC2010"
+        (voc / "annotations_detectron2/pc459_val").mkdir(parents=True)
+        for i in ("2008_000002", "2008_000003"):
+            _img(voc / f"JPEGImages/{i}.jpg")
+            Image.fromarray(lab).save(voc / f"annotations_detectron2/pc459_val/{i}.tif", "TIFF")
     return root
 
 
 EXPECTED = {  # (top class, bottom class) after the standard mapping; pixel (0, 0) ignored
     "cocostuff27": (9, 23), "cocostuff171": (0, 145), "ade20k": (0, 2), "cityscapes": (0, 19), "pascal_context59": (0, 58),
+    "cityscapes19": (0, 13), "pascal_context459": (300, 458),
 }
+NUM = {"cocostuff27": 27, "cocostuff171": 171, "ade20k": 150, "cityscapes": 27, "pascal_context59": 59,
+       "cityscapes19": 19, "pascal_context459": 459}
 
 
 @pytest.mark.parametrize("name", list(EXPECTED))
@@ -69,8 +82,12 @@ def test_reader_on_real_layout(name, tmp_path):
         assert s.image.size == (48, 40) and s.label.shape == (40, 48)
     h = s.label.shape[0]
     assert s.label[h // 4, 5] == top and s.label[3 * h // 4, 5] == bottom
-    assert set(np.unique(s.label)) <= {top, bottom, 255}
-    assert ds.num_classes == {"cocostuff27": 27, "cocostuff171": 171, "ade20k": 150, "cityscapes": 27, "pascal_context59": 59}[name]
+    present = set(np.unique(s.label).tolist())
+    assert present <= {top, bottom, ds.ignore_index} and {top, bottom} <= present
+    if name not in ("cocostuff27", "cocostuff171", "cityscapes"):  # uncropped: the ignored pixel is kept
+        assert s.label[0, 0] == ds.ignore_index
+    assert ds.ignore_index == (65535 if name == "pascal_context459" else 255)
+    assert ds.num_classes == NUM[name]
 
 
 def test_cocostuff_ignores_unlabeled_and_unused_ids():
@@ -134,3 +151,31 @@ def test_eval_bad_root_message(tmp_path, capsys):
 
     assert main(["eval", "--dataset", "cityscapes", "--root", str(tmp_path), "--model", "tiny"]) == 2
     assert "expected Cityscapes leftImg8bit/val" in capsys.readouterr().err
+
+
+def test_cocostuff_full_set_by_default_curated_on_request(tmp_path):
+    root = make_fixture("cocostuff27", tmp_path)
+    _img(root / "images/val2017/000000000632.jpg")  # in val2017, not on STEGO's curated list
+    _lab(root / "annotations/val2017/000000000632.png", np.zeros((40, 48)))
+    assert [n for n, _, _ in SegmentationDataset("cocostuff27", root).items] == [
+        "000000000139", "000000000285", "000000000632"]
+    assert len(SegmentationDataset("cocostuff27", root, subset="curated")) == 2
+    with pytest.raises(DatasetError, match="COCO-Stuff only"):
+        SegmentationDataset("ade20k", root, subset="curated")
+
+
+def test_cityscapes19_uses_the_standard_train_ids():
+    from emerdiff_fast.datasets import LUTS
+
+    lut = LUTS["cityscapes19"]
+    assert [int(lut[i]) for i in (7, 8, 11, 21, 23, 24, 26, 33)] == [0, 1, 2, 8, 10, 11, 13, 18]
+    assert all(lut[i] == 255 for i in (0, 6, 9, 10, 14, 15, 16, 18, 29, 30, 34))
+    assert sorted(set(lut.tolist()) - {255}) == list(range(19))
+
+
+def test_pascal_context459_rejects_out_of_range_ids(tmp_path):
+    root = make_fixture("pascal_context459", tmp_path)
+    bad = np.full((40, 48), 459, np.uint16)
+    Image.fromarray(bad).save(root / "VOCdevkit/VOC2010/annotations_detectron2/pc459_val/2008_000002.tif", "TIFF")
+    with pytest.raises(DatasetError, match="holds id 459, outside 0..458 and not the ignore value 65535"):
+        SegmentationDataset("pascal_context459", root)[0]
