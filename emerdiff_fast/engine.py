@@ -22,6 +22,7 @@ import torch
 
 from . import reference
 from .attention import Modulation, RunState, SharedProcessor, installed, make_processors
+from .memory import MemoryModel, balanced_chunk
 from .reference import chunk_plan, decode_pairs, work_units
 from .sampling import Trajectory, denoise
 from .timing import timed
@@ -52,19 +53,25 @@ class FastOptions:
 # batch: decoding a 60-member chunk at once would need ~30 GB for no expected speed-up.
 DEFAULT_DECODE_BATCH = 8
 
-# Rough activation memory of one extra batch member in a UNet call at 512 px in 16-bit
-# (choice; benchmarks/ measure the real figure). Scales with pixels and element size.
-_MEMBER_BYTES_512_16BIT = 0.6e9
+# Share of free device memory the predicted peak may use (choice): the memory model counts
+# tensors only, so allocator rounding and fragmentation and library workspaces (cuDNN,
+# cuBLAS) must fit in the rest.
+MEMORY_SAFETY = 0.85
+
+
+def memory_model(seg) -> MemoryModel:
+    return MemoryModel.of(seg.unet.config, seg.vae.config, seg.config.resolution, seg.dtype,
+                          seg.config.modulated_layer)
 
 
 def auto_max_batch(seg, num_members: int) -> int:
-    """All members at once on the CPU; on CUDA, as many as 80% of free memory allows."""
+    """All members at once on the CPU; on CUDA, the largest chunk whose predicted peak
+    (memory.MemoryModel, traced on meta tensors) fits MEMORY_SAFETY of free memory."""
     if seg.device.type != "cuda":
         return num_members
     free, _ = torch.cuda.mem_get_info(seg.device)
-    scale = (seg.config.resolution / 512) ** 2 * seg.dtype.itemsize / 2
-    fits = int(0.8 * free / (_MEMBER_BYTES_512_16BIT * scale))
-    return max(2, min(num_members, fits - fits % 2))
+    decode_batch = seg.decode_batch or DEFAULT_DECODE_BATCH
+    return max(2, memory_model(seg).largest_chunk(MEMORY_SAFETY * free, num_members, decode_batch))
 
 
 def _state(seg) -> RunState:
@@ -82,10 +89,10 @@ def _state(seg) -> RunState:
 
 
 def chunk_size(seg) -> int:
-    """Modulated runs per denoising batch: max_batch, else auto_max_batch; even, in [2, 2K]."""
+    """Modulated runs per denoising batch: the budget (max_batch, else auto_max_batch)
+    balanced over the fewest calls (memory.balanced_chunk), even, in [2, 2K]."""
     two_k = 2 * seg.config.num_masks
-    chunk = seg.max_batch or auto_max_batch(seg, two_k)
-    return max(2, min(chunk - chunk % 2, two_k))
+    return balanced_chunk(two_k, min(seg.max_batch or auto_max_batch(seg, two_k), two_k))
 
 
 def difference_maps(seg, traj: Trajectory, masks: torch.Tensor, timings: dict) -> torch.Tensor:

@@ -6,6 +6,8 @@ import torch
 
 from ._dispatch import HAVE_TRITON, triton_enabled
 
+BLOCKS = {"BLOCK_N": 32, "BLOCK_C": 64}  # launch config (kernels/aot.py compiles the same)
+
 if HAVE_TRITON:
     import triton
     import triton.language as tl
@@ -40,9 +42,8 @@ def modulate(shared: torch.Tensor, masks: torch.Tensor, index: torch.Tensor, coe
     shared, masks, index, coef = shared.contiguous(), masks.contiguous(), index.contiguous(), coef.contiguous()
     n, c = shared.shape
     out = torch.empty((index.shape[0], n, c), dtype=shared.dtype, device=shared.device)
-    block_n, block_c = 32, 64
-    grid = (index.shape[0], triton.cdiv(n, block_n), triton.cdiv(c, block_c))
-    _modulate_kernel[grid](shared, masks, index, coef, out, n, c, BLOCK_N=block_n, BLOCK_C=block_c)
+    grid = (index.shape[0], triton.cdiv(n, BLOCKS["BLOCK_N"]), triton.cdiv(c, BLOCKS["BLOCK_C"]))
+    _modulate_kernel[grid](shared, masks, index, coef, out, n, c, **BLOCKS)
     return out
 
 

@@ -17,6 +17,12 @@ import torch
 
 from ._dispatch import HAVE_TRITON, triton_enabled
 
+# Launch configs per input width (kernels/aot.py compiles the same): fp32 tiles at the
+# 16-bit sizes spill registers on sm_80 (2.9 KB per thread, found by the AOT compile), so
+# fp32 takes half-size M and J tiles (no spills on sm_80 or sm_90).
+BLOCKS = {"16bit": {"BLOCK_N": 64, "BLOCK_M": 64, "BLOCK_J": 128},
+          "fp32": {"BLOCK_N": 64, "BLOCK_M": 32, "BLOCK_J": 64}}
+
 if HAVE_TRITON:
     import triton
     import triton.language as tl
@@ -70,15 +76,15 @@ def shared_attention(probs: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     probs, v = probs.contiguous(), v.contiguous()
     out = torch.empty((batch, n, channels), dtype=probs.dtype, device=probs.device)
     d = channels // heads
-    block_n, block_m, block_j = 64, 64, 128
-    grid = (heads, triton.cdiv(n, block_n), triton.cdiv(batch * d, block_j))
+    blocks = BLOCKS["fp32" if probs.dtype == torch.float32 else "16bit"]
+    grid = (heads, triton.cdiv(n, blocks["BLOCK_N"]), triton.cdiv(batch * d, blocks["BLOCK_J"]))
     # Triton's interpreter multiplies bf16 bit patterns in tl.dot (triton-lang/triton#11584,
     # "not supported"): under it, bf16 tiles are upcast to fp32 first. On the GPU the bf16
     # dot runs on tensor cores, which also form exact products and accumulate in fp32.
     upcast = not probs.is_cuda and probs.dtype == torch.bfloat16
     _shared_pv_kernel[grid](probs, v, out, n, m, channels, batch * d, probs.stride(0), probs.stride(1),
                             D=d, IEEE=probs.dtype == torch.float32 or upcast, UPCAST=upcast,
-                            BLOCK_N=block_n, BLOCK_M=block_m, BLOCK_J=block_j)
+                            **blocks)
     return out
 
 
