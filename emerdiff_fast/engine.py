@@ -16,6 +16,7 @@
 """
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 
 import torch
@@ -23,6 +24,7 @@ import torch
 from . import reference
 from .attention import Modulation, RunState, SharedProcessor, installed, make_processors
 from .memory import MemoryModel, balanced_chunk
+from .prefix import prefix_hooks
 from .reference import chunk_plan, decode_pairs, work_units
 from .sampling import Trajectory, denoise
 from .timing import timed
@@ -42,6 +44,8 @@ class FastOptions:
     triton_kmeans: bool = True          # fused k-means assign/update ops
     triton_attention: bool = False      # (choice) shared-P attention op: off until GPU-measured
     channels_last: bool = False         # UNet and VAE convolutions in NHWC (set on the modules)
+    prefix_sharing: bool = True         # step 0: the UNet up to the modulated block once (prefix.py;
+                                        # applies with share_attention)
 
     def __post_init__(self):
         if self.reuse_cross_attention and not self.share_attention:
@@ -106,7 +110,9 @@ def difference_maps(seg, traj: Trajectory, masks: torch.Tensor, timings: dict) -
     plan = chunk_plan(k, chunk)
     seg.begin_work(work_units(plan, len(traj), decode_batch), "denoise+decode")
     out = []
-    with installed(seg.unet, seg._fast_procs):
+    prefix_on = seg.options.prefix_sharing
+    hooks = prefix_hooks(seg.unet, cfg.modulated_layer, seg._prefix) if prefix_on else contextlib.nullcontext(False)
+    with installed(seg.unet, seg._fast_procs), hooks as sharing:
         for index, sign in plan:
             # member 0: the reference run (coefficient 0), then the chunk's modulated members
             state.modulation = Modulation(
@@ -114,7 +120,8 @@ def difference_maps(seg, traj: Trajectory, masks: torch.Tensor, timings: dict) -
                 torch.tensor([0.0] + sign, device=seg.device) * cfg.lam)
             with timed(timings, "denoise", seg.device), seg.compiling(chunk + 1):
                 x = denoise(seg.unet_call, traj, traj.latents[0].expand(chunk + 1, -1, -1, -1),
-                            traj.anchored_step, state, seg.context, seg.dtype, cfg.modulate_steps, on_step=seg.tick)
+                            traj.anchored_step, state, seg.context, seg.dtype, cfg.modulate_steps, on_step=seg.tick,
+                            prefix=seg._prefix if sharing else None)
             with timed(timings, "decode", seg.device):
                 out.append(decode_pairs(seg, x[1:], sign, decode_batch))
     state.modulation = None

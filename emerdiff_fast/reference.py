@@ -38,7 +38,12 @@ def decode_pairs(seg, x: torch.Tensor, sign: list[int], decode_batch: int) -> to
     lat = x[:n_real]
     imgs = []
     for s in range(0, n_real, decode_batch):
-        imgs.append(seg.decode(lat[s:s + decode_batch]))
+        part = lat[s:s + decode_batch]
+        if seg.static_decode and part.shape[0] < decode_batch:  # one shape for a compiled decode
+            pad = part[-1:].expand(decode_batch - part.shape[0], *part.shape[1:])
+            imgs.append(seg.decode(torch.cat([part, pad]))[:part.shape[0]])
+        else:
+            imgs.append(seg.decode(part))
         seg.tick()
     imgs = torch.cat(imgs)
     return difference_map(imgs[1::2], imgs[0::2])

@@ -172,18 +172,28 @@ Update = Callable[[int, torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 def denoise(unet, traj: Trajectory, x: torch.Tensor, update: Update, state, context: torch.Tensor,
-            model_dtype: torch.dtype, modulate_steps: int, on_step: Callable[[], None] | None = None) -> torch.Tensor:
+            model_dtype: torch.dtype, modulate_steps: int, on_step: Callable[[], None] | None = None,
+            prefix=None) -> torch.Tensor:
     """Walk the trajectory from t_modulate to the end: x <- update(i, x, eps) per step.
 
     `state` (attention.RunState) learns the step index and whether to modulate now. The loop
     body reads no tensor values on the host, and every UNet call has the same shapes.
     `on_step` (a progress tick) is called after each step's launches, without a sync.
+    `prefix` (prefix.PrefixState, fast path): at step 0, where every member's input is the
+    same, the UNet runs on member 0 and its hooks widen the batch at the modulated block.
     """
     ctx = context.expand(x.shape[0], -1, -1)
     for i in range(len(traj)):
         state.step = i
         state.modulate_now = state.modulation is not None and i < modulate_steps
-        eps = unet(x.to(model_dtype), traj.timesteps[i], encoder_hidden_states=ctx).sample
+        if prefix is not None and i == 0:
+            prefix.width = x.shape[0]
+            try:
+                eps = unet(x[:1].to(model_dtype), traj.timesteps[i], encoder_hidden_states=ctx[:1]).sample
+            finally:
+                prefix.width = 0
+        else:
+            eps = unet(x.to(model_dtype), traj.timesteps[i], encoder_hidden_states=ctx).sample
         x = update(i, x, eps.to(x.dtype))
         if on_step is not None:
             on_step()

@@ -17,6 +17,7 @@ from .engine import FastOptions
 from .images import ImageError, load_image, resize_labels, to_model_input
 from .kmeans import kmeans
 from .maps import assign_labels, gaussian_blur, mask_embeddings, masks_from_labels, naive_upsample
+from .prefix import PrefixState
 from .result import SegmentationResult
 from .sampling import (ReverseSchedule, alphas_cumprod, feature_noise, latent_dtype, noise_to, sample_trajectory,
                        trajectory_noise)
@@ -37,8 +38,8 @@ class EmerDiff:
     backend: "fast" (the default: the literal method's function, batched; see engine.py),
     "reference" (the literal method) or "naive" (bilinear upsampling of the low-resolution
     masks).
-    Fast-path options: compile (torch.compile the UNet; False or a mode string such as
-    "default" / "max-autotune-no-cudagraphs"), max_batch (modulated runs per denoising
+    Fast-path options: compile (torch.compile the UNet and, unless compile_decode=False,
+    the VAE decode; False or a mode string such as "default" / "max-autotune-no-cudagraphs"), max_batch (modulated runs per denoising
     batch; None = all 2K on CPU, a free-memory estimate on CUDA), decode_batch (images per
     VAE decode call; None = min(chunk, 8)),
     options (engine.FastOptions: switch single techniques off; channels_last=True converts
@@ -47,8 +48,8 @@ class EmerDiff:
     """
 
     def __init__(self, pipe, config: EmerDiffConfig | None = None, backend: str = "fast", *,
-                 compile: bool | str = False, max_batch: int | None = None, decode_batch: int | None = None,
-                 options: FastOptions | None = None, progress: bool = False):
+                 compile: bool | str = False, compile_decode: bool | None = None, max_batch: int | None = None,
+                 decode_batch: int | None = None, options: FastOptions | None = None, progress: bool = False):
         if backend not in BACKENDS:
             raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
         if backend != "fast" and (compile or options is not None):
@@ -72,14 +73,21 @@ class EmerDiff:
             # empty prompt, no classifier-free guidance (SPEC 1.2)
             self.context = pipe.encode_prompt("", self.device, 1, False)[0].to(self.dtype)
         self.unet_call = self.unet
+        self.vae_decode = self.vae.decode
         self.compile_mode = None
         if compile and backend == "fast":
             self.compile_mode = "default" if compile is True else compile
             self.unet_call = torch.compile(self.unet, mode=self.compile_mode, dynamic=False)
+            if compile_decode is not False:  # with compile unless turned off; decode calls then
+                # have one static batch (reference.decode_pairs pads the last slice)
+                self.vae_decode = torch.compile(self.vae.decode, mode=self.compile_mode, dynamic=False)
+        elif compile_decode:
+            raise ValueError("compile_decode needs compile (backend='fast')")
         # fast path: one RunState and processor set per segmenter (see engine._state), so a
         # compiled UNet's guards on processor identity keep holding across images
         self._fast_state: RunState | None = None
         self._fast_procs: dict | None = None
+        self._prefix = PrefixState()  # one object per segmenter, like the processors (compile guards)
         self._compiled_batches: set[int] = set()
         self._bar = None
 
@@ -126,7 +134,12 @@ class EmerDiff:
         return dist.mean * self.vae.config.scaling_factor
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
-        return self.vae.decode((latents / self.vae.config.scaling_factor).to(self.dtype)).sample
+        return self.vae_decode((latents / self.vae.config.scaling_factor).to(self.dtype)).sample
+
+    @property
+    def static_decode(self) -> bool:
+        """Decode calls must keep one batch size (a compiled decode would retrace)."""
+        return self.vae_decode != self.vae.decode  # bound methods compare equal, never identical
 
     def features(self, latent: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
         """Query vectors (to_q output) of the feature layer at t_feature, averaged over the

@@ -35,7 +35,8 @@ def test_fast_matches_reference(tiny_pipe, rand_image, seed, k, res, max_batch, 
     FastOptions(reuse_cross_attention=False),                          # + shared P, per-member cross-attn
     FastOptions(triton_modulation=False, triton_kmeans=False),         # plain-PyTorch modulation/k-means
     FastOptions(triton_attention=True),                                # shared-P attention op
-], ids=["replay", "no-cross-reuse", "no-triton", "triton-attention"])
+    FastOptions(prefix_sharing=False),                                 # step 0 at full batch
+], ids=["replay", "no-cross-reuse", "no-triton", "triton-attention", "no-prefix"])
 def test_every_technique_subset_matches_reference(tiny_pipe, rand_image, options):
     """The waterfall's intermediate rows compute the same function as the reference path."""
     cfg = EmerDiffConfig(num_masks=3, resolution=64, seed=4)
@@ -110,9 +111,65 @@ def test_compiled_unet_traces_once(tiny_pipe, rand_image):
     counters.clear()
     first = seg(rand_image(0, 64, 64))
     graphs = counters["stats"]["unique_graphs"]
-    assert graphs >= 1
+    assert graphs == 2  # step 0 (member 0 in, widened at the modulated block) and the later steps
     with torch._dynamo.config.patch(error_on_recompile=True):
         seg(rand_image(1, 64, 64))
     assert counters["stats"]["unique_graphs"] == graphs
     eager = EmerDiff(tiny_pipe, cfg, backend="fast", max_batch=4)(rand_image(0, 64, 64))
     assert rel_err(first.difference_maps, eager.difference_maps) < 1e-5
+
+
+def test_prefix_sharing_runs_step_0_on_one_member(tiny_pipe, rand_image):
+    """Step 0 calls the UNet with member 0 alone and still yields every member's output;
+    the later steps run the whole chunk."""
+    cfg = EmerDiffConfig(num_masks=3, resolution=64, seed=8)
+    seg = EmerDiff(tiny_pipe, cfg, backend="fast", max_batch=6)
+    batches, widened = [], []
+    h1 = tiny_pipe.unet.register_forward_pre_hook(lambda m, a, k: batches.append(a[0].shape[0] if a else
+                                                                                 k["sample"].shape[0]),
+                                                  with_kwargs=True)
+    h2 = tiny_pipe.unet.register_forward_hook(lambda m, a, o: widened.append(o.sample.shape[0]))
+    try:
+        fast = seg(rand_image(8, 64, 64))
+    finally:
+        h1.remove()
+        h2.remove()
+    steps = len(seg.schedule.timesteps)
+    # one feature call (feature_samples members, stopped early: no output), then one chunk
+    assert batches[1:] == [1] + [7] * (steps - 1) and widened == [7] * steps
+    ref = EmerDiff(tiny_pipe, cfg, backend="reference")(rand_image(8, 64, 64))
+    assert rel_err(fast.difference_maps, ref.difference_maps) < 1e-4
+
+
+def test_prefix_sharing_steps_aside_for_other_layers(tiny_pipe, rand_image):
+    """A modulated layer that is not its up block's last attention: no widening hooks
+    (a later resnet would concatenate batch-1 skips); the result is still the method's."""
+    from emerdiff_fast.prefix import supported
+
+    layer = "up_blocks.1.attentions.1.transformer_blocks.0.attn2"
+    assert supported(tiny_pipe.unet, layer) is None
+    assert supported(tiny_pipe.unet, EmerDiffConfig().modulated_layer) == (1, 2)
+    cfg = EmerDiffConfig(num_masks=3, resolution=64, seed=9, modulated_layer=layer)
+    ref, fast = _pair(tiny_pipe, cfg, rand_image(9, 64, 64), max_batch=6)
+    assert rel_err(fast.difference_maps, ref.difference_maps) < 1e-4
+
+
+def test_compiled_decode_one_static_batch(tiny_pipe, rand_image):
+    """compile also compiles the VAE decode; a last slice smaller than decode_batch is
+    padded, so the decode traces one graph, and the maps do not change."""
+    torch._dynamo.reset()
+    cfg = EmerDiffConfig(num_masks=3, resolution=64, seed=10)
+    seg = EmerDiff(tiny_pipe, cfg, backend="fast", decode_batch=4)  # 6 images: slices of 4 and 2
+    seg.vae_decode = torch.compile(tiny_pipe.vae.decode, backend="eager", fullgraph=True, dynamic=False)
+    assert seg.static_decode
+    from torch._dynamo.utils import counters
+
+    counters.clear()
+    compiled = seg(rand_image(10, 64, 64))
+    assert counters["stats"]["unique_graphs"] == 1
+    eager = EmerDiff(tiny_pipe, cfg, backend="fast", decode_batch=4)(rand_image(10, 64, 64))
+    assert rel_err(compiled.difference_maps, eager.difference_maps) < 1e-5
+    assert EmerDiff(tiny_pipe, cfg, backend="fast", compile=True).static_decode
+    assert not EmerDiff(tiny_pipe, cfg, backend="fast", compile=True, compile_decode=False).static_decode
+    with pytest.raises(ValueError, match="compile_decode needs compile"):
+        EmerDiff(tiny_pipe, cfg, backend="fast", compile_decode=True)
