@@ -39,7 +39,7 @@ from .common import (bench_pipeline, count_flops, demo_modulation, environment, 
 
 HERE = Path(__file__).parent
 NO_TECHNIQUE = FastOptions(share_attention=False, reuse_cross_attention=False, triton_modulation=False,
-                           triton_kmeans=False)
+                           triton_kmeans=False, prefix_sharing=False)
 
 
 @dataclass(frozen=True)
@@ -51,6 +51,7 @@ class Step:
     options: FastOptions = NO_TECHNIQUE
     dtype: str = "float32"
     compile: bool = False
+    compile_decode: bool = False
     max_batch: int | None = None  # None: the engine's default (all members on CPU, memory estimate on CUDA)
 
 
@@ -60,10 +61,12 @@ def steps() -> list[Step]:
     rows.append(replace(rows[-1], name="+ cross-attention reuse", options=replace(rows[-1].options, reuse_cross_attention=True)))
     rows.append(replace(rows[-1], name="+ Triton modulation", options=replace(rows[-1].options, triton_modulation=True)))
     rows.append(replace(rows[-1], name="+ Triton k-means", options=replace(rows[-1].options, triton_kmeans=True)))
+    rows.append(replace(rows[-1], name="+ step-0 prefix sharing", options=replace(rows[-1].options, prefix_sharing=True)))
     rows.append(replace(rows[-1], name="+ Triton shared-P attention", options=replace(rows[-1].options, triton_attention=True)))
     rows.append(replace(rows[-1], name="+ bf16", dtype="bfloat16"))
     rows.append(replace(rows[-1], name="+ channels_last", options=replace(rows[-1].options, channels_last=True)))
-    rows.append(replace(rows[-1], name="+ torch.compile", compile=True))
+    rows.append(replace(rows[-1], name="+ torch.compile (UNet)", compile=True))
+    rows.append(replace(rows[-1], name="+ compiled VAE decode (static batch)", compile_decode=True))
     return rows  # the chunk-size row is appended after the memory sweep picks the chunk
 
 
@@ -105,7 +108,7 @@ class Bench:
             return EmerDiff(self.pipe, self.config, backend=step.backend)
         self.channels_last |= step.options.channels_last
         return EmerDiff(self.pipe, self.config, backend="fast", options=step.options,
-                        compile=step.compile, max_batch=step.max_batch)
+                        compile=step.compile, compile_decode=step.compile_decode, max_batch=step.max_batch)
 
     def run_fitting(self, step: Step, rounds: int) -> Row:
         """run(), halving the chunk after an out-of-memory error (the replayed-P row keeps a

@@ -61,6 +61,9 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--compile-mode", default="default",
                    help="torch.compile mode with --compile (default, reduce-overhead, max-autotune, ...)")
     p.add_argument("--channels-last", action="store_true", help="fast backend: NHWC convolutions")
+    p.add_argument("--preset", default="exact",
+                   help="speed preset: exact, grid25 (25-step grid), decode-fast (bf16 half-resolution "
+                        "decode), fastest (both); all but exact are approximate, fidelity unmeasured")
     p.add_argument("--max-pixels", type=int, default=None,
                    help="largest image opened, in pixels (default: Pillow's decompression-bomb limit, 89.5 M)")
 
@@ -102,7 +105,7 @@ def build_segmenter(args, progress: bool = False):
     from . import EmerDiff, EmerDiffConfig, FastOptions, load_pipeline
 
     config = EmerDiffConfig(num_masks=args.masks, lam=args.lam, seed=args.seed, resolution=args.resolution,
-                            feature_samples=args.feature_samples)
+                            feature_samples=args.feature_samples).with_preset(args.preset)
     if args.backend != "fast" and (args.compile or args.channels_last or args.max_batch):
         raise UsageError("--compile, --channels-last and --max-batch apply to --backend fast only")
     log.info("loading %s on %s (%s)", args.model, args.device, args.dtype)

@@ -38,6 +38,8 @@ class EmerDiffConfig:
     kmeans_iterations: int = 100        # (choice) Lloyd iterations at most
     seed: int = 0
     resolution: int = 512               # images are resized to resolution x resolution
+    decode_dtype: str | None = None     # approximate: VAE decode in this dtype (None: the model's)
+    decode_scale: float = 1.0           # approximate: 0.5 decodes 2x-downsampled latents (maps upsampled)
 
     def __post_init__(self) -> None:
         if self.num_masks < 2:
@@ -77,6 +79,15 @@ class EmerDiffConfig:
             raise ConfigError(f"kmeans_init must be 'k-means++', got {self.kmeans_init!r}")
         if self.kmeans_restarts < 1 or self.kmeans_iterations < 1:
             raise ConfigError("kmeans_restarts and kmeans_iterations must be at least 1")
+        if self.decode_dtype not in (None, "float32", "bfloat16", "float16"):
+            raise ConfigError(f"decode_dtype must be float32, bfloat16, float16 or None, got {self.decode_dtype!r}")
+        if self.decode_scale not in (1.0, 0.5):
+            raise ConfigError(f"decode_scale must be 1.0 or 0.5, got {self.decode_scale}")
+
+    @property
+    def approximate(self) -> bool:
+        """Whether this config leaves the exact method (a speed preset's changes)."""
+        return (self.num_inference_steps != 50 or self.decode_dtype is not None or self.decode_scale != 1.0)
 
     @property
     def feature_grid_size(self) -> int:
@@ -86,5 +97,22 @@ class EmerDiffConfig:
     def replace(self, **changes) -> "EmerDiffConfig":
         return dataclasses.replace(self, **changes)
 
+    def with_preset(self, name: str) -> "EmerDiffConfig":
+        """This config with a speed preset applied (SPEED_PRESETS; "exact" changes nothing)."""
+        if name not in SPEED_PRESETS:
+            raise ConfigError(f"unknown preset {name!r}; choose from {', '.join(SPEED_PRESETS)}")
+        return self.replace(**SPEED_PRESETS[name])
+
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+
+# Speed presets (approximate, off by default): each trades fidelity to the exact method for
+# time. Their fidelity on real weights is unmeasured here; benchmarks/check_equivalence.py
+# --presets reports their label agreement with the exact path on the tiny model.
+SPEED_PRESETS = {
+    "exact": {},
+    "grid25": {"num_inference_steps": 25},                       # 8 steps from t = 281 instead of 15
+    "decode-fast": {"decode_dtype": "bfloat16", "decode_scale": 0.5},  # ~4x cheaper decodes, in bf16
+    "fastest": {"num_inference_steps": 25, "decode_dtype": "bfloat16", "decode_scale": 0.5},
+}

@@ -75,7 +75,7 @@ def add_parser(sub, formatter_class=None) -> None:
 
 def _settings(args) -> dict:
     keys = ("dataset", "subset", "model", "random_init", "dtype", "backend", "masks", "lam", "seed", "resolution",
-            "feature_samples", "limit")
+            "feature_samples", "preset", "limit")
     return {**{k: getattr(args, k) for k in keys}, "cache_version": CACHE_VERSION}
 
 

@@ -5,10 +5,12 @@ maps from the trajectory (reference.py: one modulated run per mask, engine.py: o
 run for all masks). The trajectory and the denoising loop are sampling.py's."""
 from __future__ import annotations
 
+import copy
 import logging
 import time
 
 import torch
+import torch.nn.functional as F
 
 from . import engine, reference
 from .attention import RunState, find_module
@@ -24,6 +26,7 @@ from .sampling import (ReverseSchedule, alphas_cumprod, feature_noise, latent_dt
 from .timing import timed
 
 BACKENDS = ("reference", "fast", "naive")
+DECODE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 ERRORS = ("raise", "skip")
 log = logging.getLogger("emerdiff_fast")
 
@@ -73,14 +76,23 @@ class EmerDiff:
             # empty prompt, no classifier-free guidance (SPEC 1.2)
             self.context = pipe.encode_prompt("", self.device, 1, False)[0].to(self.dtype)
         self.unet_call = self.unet
-        self.vae_decode = self.vae.decode
+        self.decode_vae = self.vae  # a copy in config.decode_dtype when that differs (a speed preset)
+        if self.config.decode_dtype and DECODE_DTYPES[self.config.decode_dtype] != self.dtype:
+            self.decode_vae = copy.deepcopy(self.vae).to(DECODE_DTYPES[self.config.decode_dtype])
+        if self.config.approximate:
+            log.warning("approximate settings (%s): faster, but their fidelity against the exact method is "
+                        "unmeasured here (only label agreement on a random tiny model: benchmarks/"
+                        "check_equivalence.py --presets)", ", ".join(
+                            f"{k}={getattr(self.config, k)}" for k in ("num_inference_steps", "decode_dtype",
+                                                                       "decode_scale")))
+        self.vae_decode = self.decode_vae.decode
         self.compile_mode = None
         if compile and backend == "fast":
             self.compile_mode = "default" if compile is True else compile
             self.unet_call = torch.compile(self.unet, mode=self.compile_mode, dynamic=False)
             if compile_decode is not False:  # with compile unless turned off; decode calls then
                 # have one static batch (reference.decode_pairs pads the last slice)
-                self.vae_decode = torch.compile(self.vae.decode, mode=self.compile_mode, dynamic=False)
+                self.vae_decode = torch.compile(self.decode_vae.decode, mode=self.compile_mode, dynamic=False)
         elif compile_decode:
             raise ValueError("compile_decode needs compile (backend='fast')")
         # fast path: one RunState and processor set per segmenter (see engine._state), so a
@@ -134,12 +146,17 @@ class EmerDiff:
         return dist.mean * self.vae.config.scaling_factor
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
-        return self.vae_decode((latents / self.vae.config.scaling_factor).to(self.dtype)).sample
+        lat = (latents / self.vae.config.scaling_factor).to(self.decode_vae.dtype)
+        if self.config.decode_scale == 1.0:
+            return self.vae_decode(lat).sample
+        # speed preset: decode 2x-downsampled latents (4x fewer pixels), upsample the images
+        small = self.vae_decode(F.interpolate(lat, scale_factor=self.config.decode_scale, mode="bilinear")).sample
+        return F.interpolate(small.float(), size=(self.config.resolution,) * 2, mode="bilinear").to(small.dtype)
 
     @property
     def static_decode(self) -> bool:
         """Decode calls must keep one batch size (a compiled decode would retrace)."""
-        return self.vae_decode != self.vae.decode  # bound methods compare equal, never identical
+        return self.vae_decode != self.decode_vae.decode  # bound methods compare equal, never identical
 
     def features(self, latent: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
         """Query vectors (to_q output) of the feature layer at t_feature, averaged over the
