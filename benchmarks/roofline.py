@@ -88,7 +88,9 @@ class CountOps(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        if func._overloadpacket not in flop_registry:  # composite ops (linear, conv2d): count their parts
+        # composite aten ops (linear, conv2d): count their parts. Only aten's: decomposing this
+        # project's custom ops here corrupted memory (vector::reserve errors, segfaults)
+        if func.namespace == "aten" and func._overloadpacket not in flop_registry:
             with self:
                 decomposed = func.decompose(*args, **kwargs)
             if decomposed is not NotImplemented:

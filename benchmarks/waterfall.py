@@ -152,7 +152,8 @@ class Bench:
         points = []
         for chunk in chunks:
             try:
-                row = self.run(replace(step, name=f"chunk {chunk}", max_batch=chunk, compile=False), rounds)
+                row = self.run(replace(step, name=f"chunk {chunk}", max_batch=chunk, compile=False,
+                                       compile_decode=False), rounds)
             except torch.OutOfMemoryError:
                 points.append({"chunk": chunk, "oom": True})
                 torch.cuda.empty_cache()
@@ -171,7 +172,7 @@ class Bench:
         """torch.profiler table of one modulated denoising step of the fast path (eager)."""
         from torch.profiler import ProfilerActivity, profile
 
-        seg = self.segmenter(replace(step, compile=False, max_batch=chunk))
+        seg = self.segmenter(replace(step, compile=False, compile_decode=False, max_batch=chunk))
         cfg, dev = self.config, self.device
         lat = cfg.resolution // 8
         state = _state(seg)
@@ -267,7 +268,7 @@ def main(argv=None) -> int:
 
     two_k = 2 * args.masks
     chunks = args.chunks or sorted({c for c in (2, 4, 8, 12, 16, 24, 32, 48, 64) if c < two_k} | {two_k})
-    sweep = bench.sweep(replace(last, compile=False), chunks, args.budgets, args.sweep_rounds)
+    sweep = bench.sweep(replace(last, compile=False, compile_decode=False), chunks, args.budgets, args.sweep_rounds)
     sweep["settings"] = f"{last.dtype}, channels_last={bench.channels_last}, eager, {args.sweep_rounds} timed rounds"
     fitting = [q for q in sweep["points"] if not q.get("oom")]
     best = min(fitting, key=lambda q: q["median_s_per_image"])["chunk"]

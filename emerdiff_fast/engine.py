@@ -11,8 +11,12 @@
 * Modulation is one fused Triton launch (kernels/modulate.py); k-means runs on the Triton
   assign/update ops (segmenter.py passes use_triton for this backend). FastOptions turns
   each technique off for comparison (benchmarks/waterfall.py).
-* Chunks are padded to a fixed size, so every UNet call has the same shape and a compiled
-  UNet is traced once; the loop reads no tensor values on the host.
+* Step 0 runs the UNet on member 0 alone up to the modulated block (prefix.py): every
+  member's input is the same there.
+* Chunks are balanced (memory.balanced_chunk) and padded to one size, so every UNet call
+  has the same shape and a compiled UNet is traced once per case (step 0, later steps);
+  the loop reads no tensor values on the host. On CUDA the chunk is the largest whose
+  peak, predicted on meta tensors (memory.py), fits the free memory.
 """
 from __future__ import annotations
 
@@ -53,8 +57,8 @@ class FastOptions:
 
 
 # VAE decodes per call (choice). One 512 px decode is ~2.5 TFLOP, enough to fill a GPU at
-# batch 1, while its activations (~0.5 GB per image in 16-bit, estimated) grow with the
-# batch: decoding a 60-member chunk at once would need ~30 GB for no expected speed-up.
+# batch 1, while its activations (0.40 GB per image in 16-bit, memory.py's trace) grow with
+# the batch: decoding a 60-member chunk at once would need ~24 GB for no expected speed-up.
 DEFAULT_DECODE_BATCH = 8
 
 # Share of free device memory the predicted peak may use (choice): the memory model counts
