@@ -9,8 +9,9 @@ setup(
     python_requires=">=3.10",
     # kernels/ lives at the top of the repo but installs as emerdiff_fast.kernels, so no
     # top-level `kernels` package lands in site-packages.
-    packages=["emerdiff_fast", "emerdiff_fast.kernels"],
-    package_dir={"emerdiff_fast": "emerdiff_fast", "emerdiff_fast.kernels": "kernels"},
+    packages=["emerdiff_fast", "emerdiff_fast.kernels", "emerdiff_fast.hyperfeatures"],
+    package_dir={"emerdiff_fast": "emerdiff_fast", "emerdiff_fast.kernels": "kernels",
+                 "emerdiff_fast.hyperfeatures": "emerdiff_fast/hyperfeatures"},
     install_requires=[
         "torch>=2.4",
         "triton>=3.0",

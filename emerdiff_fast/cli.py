@@ -277,8 +277,10 @@ def make_parser() -> argparse.ArgumentParser:
     add_model_args(p)
     p.set_defaults(func=cmd_segment)
     from . import evaluate
+    from .hyperfeatures import cli as hyperfeatures_cli
 
     evaluate.add_parser(sub, fmt)
+    hyperfeatures_cli.add_parser(sub, fmt)
     return parser
 
 

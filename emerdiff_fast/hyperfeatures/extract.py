@@ -1,0 +1,185 @@
+"""Diffusion Hyperfeatures extraction (Luo et al., NeurIPS 2023): the decoder's resnet
+features along a DDIM inversion (real images) or a DDIM sampling run (synthetic images).
+
+Faithful to the authors' code (diffusion-hyperfeatures/diffusion_hyperfeatures):
+* the 12 decoder resnets `up_blocks.{0..3}.resnets.{0..2}`; what they save is the resnet's
+  residual branch, the output of its `conv2` (before the shortcut is added), which a
+  forward hook on `conv2` captures (no forward is replaced);
+* DDIM (eta 0) on the grid 0, 20, ..., 980 (50 steps; DDIMScheduler's "leading" spacing,
+  steps_offset 0), empty prompt, no guidance. Inversion starts from the clean latent at
+  "t = -1" (alpha_bar = 1, the UNet called with timestep -1, as theirs) and its step i is
+  saved under index S - 1 - i, so index 49 is the clean latent and 0 the noisiest; their
+  "all steps" config saves [49, 45, 40, ..., 5, 0], the one-step config runs one step
+  (S = 1, index 0: the UNet on the clean latent);
+* the latent is a sample of the VAE posterior times the scaling factor (theirs unseeded;
+  here seeded, so a run is reproducible); images resized to load_resolution (512).
+
+Memory (choice): features are kept at the resolution each block produces them (8x8 to
+64x64 at 512 px) in bf16, and resized to output_resolution (64) only inside the
+aggregation network. For SD 1.5 at 11 timesteps that is 157 MB per image (7.1 M values per
+timestep) instead of 952 MB resized to 64x64 (1.9 GB in fp32); they live in the
+extractor's output (and the on-disk cache of train.py), never in fp32 at 64x64 for all
+layers at once.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from ..images import load_image
+from ..sampling import alphas_cumprod
+
+ALL_STEPS = (49, 45, 40, 35, 30, 25, 20, 15, 10, 5, 0)  # the authors' "all steps" save_timestep
+ONE_STEP = (0,)
+
+
+@dataclass(frozen=True)
+class ExtractConfig:
+    num_timesteps: int = 50                     # DDIM steps (1 for the one-step variant)
+    save_timestep: tuple[int, ...] = ALL_STEPS  # step indices whose features are kept
+    load_resolution: int = 512                  # images are resized to this square
+    output_resolution: int = 64                 # aggregation resolution (aggregation.py)
+    layers: tuple[tuple[int, int], ...] = tuple((i, j) for i in range(4) for j in range(3))
+    storage_dtype: torch.dtype = torch.bfloat16
+    seed: int = 0
+
+    def __post_init__(self):
+        if self.num_timesteps < 1 or 1000 % self.num_timesteps:
+            raise ValueError(f"num_timesteps must divide 1000, got {self.num_timesteps}")
+        bad = [t for t in self.save_timestep if not 0 <= t < self.num_timesteps]
+        if bad or not self.save_timestep:
+            raise ValueError(f"save_timestep must be step indices in [0, {self.num_timesteps}), got "
+                             f"{list(self.save_timestep)}")
+
+    @classmethod
+    def one_step(cls, **kw) -> "ExtractConfig":
+        return cls(num_timesteps=1, save_timestep=ONE_STEP, **kw)
+
+
+@dataclass
+class Features:
+    """Per layer (in `layers` order) a tensor (B, S, C_l, h_l, w_l) in storage dtype, S the
+    saved timesteps in `save_timestep` order; plus the final latent of the run."""
+
+    maps: list[torch.Tensor]
+    save_timestep: tuple[int, ...]
+    latents: torch.Tensor
+
+    @property
+    def dims(self) -> list[int]:
+        return [m.shape[2] for m in self.maps]
+
+    def select(self, i: int) -> "Features":
+        return Features([m[i:i + 1] for m in self.maps], self.save_timestep, self.latents[i:i + 1])
+
+
+def ddim_grid(num_timesteps: int) -> list[int]:
+    """0, 20, ..., 980 for 50 steps (leading spacing, steps_offset 0, as the authors' scheduler)."""
+    ratio = 1000 // num_timesteps
+    return [i * ratio for i in range(num_timesteps)]
+
+
+def ddim_step(x, eps, a_t, a_next):
+    """DDIM, eta 0: x0 = (x - sqrt(1 - a_t) eps) / sqrt(a_t); x' = sqrt(a') x0 + sqrt(1 - a') eps."""
+    x0 = (x - (1 - a_t).sqrt() * eps) / a_t.sqrt()
+    return a_next.sqrt() * x0 + (1 - a_next).sqrt() * eps
+
+
+class FeatureExtractor:
+    """Runs DDIM inversion (or generation) in batches and captures the decoder features."""
+
+    def __init__(self, pipe, config: ExtractConfig | None = None, compile: bool = False):
+        self.pipe, self.config = pipe, config or ExtractConfig()
+        self.unet, self.vae = pipe.unet, pipe.vae
+        self.device, self.dtype = self.unet.device, self.unet.dtype
+        self.modules = [self.unet.up_blocks[i].resnets[j].conv2 for i, j in self.config.layers]
+        a = alphas_cumprod(pipe.scheduler.config).to(torch.float32)
+        # alpha_bar on the walk's timesteps, with t = -1 -> 1 (the clean end)
+        grid = ddim_grid(self.config.num_timesteps)
+        self.walk = [-1] + grid  # inversion goes left to right, generation right to left
+        self.alpha = torch.stack([torch.ones(()) if t < 0 else a[t] for t in self.walk]).to(self.device)
+        with torch.inference_mode():
+            self.context = pipe.encode_prompt("", self.device, 1, False)[0].to(self.dtype)
+        self.unet_call = torch.compile(self.unet, dynamic=False) if compile else self.unet
+
+    @property
+    def dims(self) -> list[int]:
+        return [m.out_channels for m in self.modules]
+
+    def encode(self, images) -> torch.Tensor:
+        """Images (paths, PIL, arrays, or a (B, 3, H, W) tensor in [-1, 1]) -> latents."""
+        if not isinstance(images, torch.Tensor):
+            r = self.config.load_resolution
+            arrs = [np.asarray(load_image(im).resize((r, r), Image.BILINEAR), np.float32) / 127.5 - 1
+                    for im in images]
+            images = torch.from_numpy(np.stack(arrs)).permute(0, 3, 1, 2)
+        g = torch.Generator().manual_seed(self.config.seed)
+        with torch.inference_mode():
+            dist = self.vae.encode(images.to(self.device, self.dtype)).latent_dist
+            noise = torch.randn(dist.mean.shape, generator=g).to(self.device, dist.mean.dtype)
+            return (dist.mean + dist.std * noise) * self.vae.config.scaling_factor
+
+    def _run(self, x: torch.Tensor, inversion: bool) -> Features:
+        cfg = self.config
+        n = cfg.num_timesteps
+        order = list(range(n))
+        saved = {t: k for k, t in enumerate(cfg.save_timestep)}
+        b = x.shape[0]
+        maps: list = [[None] * len(saved) for _ in self.modules]
+        slot = {"k": None}
+
+        def hook(layer):
+            def fn(module, args, out):
+                if slot["k"] is not None:
+                    maps[layer][slot["k"]] = out.to(cfg.storage_dtype)
+            return fn
+
+        handles = [m.register_forward_hook(hook(l)) for l, m in enumerate(self.modules)]
+        ctx = self.context.expand(b, -1, -1)
+        x = x.float()
+        try:
+            with torch.inference_mode():
+                for i in order:
+                    if inversion:  # from walk[i] to walk[i + 1]; saved under index n - 1 - i
+                        cur, nxt, index = i, i + 1, n - 1 - i
+                    else:  # generation: from walk[n - i] down to walk[n - i - 1]; index i
+                        cur, nxt, index = n - i, n - i - 1, i
+                    slot["k"] = saved.get(index)
+                    t = torch.full((b,), self.walk[cur], device=self.device)
+                    eps = self.unet_call(x.to(self.dtype), t, encoder_hidden_states=ctx).sample.float()
+                    x = ddim_step(x, eps, self.alpha[cur], self.alpha[nxt])
+        finally:
+            for h in handles:
+                h.remove()
+        captured = [t is not None for per_t in maps for t in per_t]
+        if any(captured) and not all(captured):
+            raise RuntimeError("some decoder features were not captured (a layer was skipped?)")
+        stacked = [torch.stack(per_t, dim=1) for per_t in maps] if all(captured) else []  # (B, S, C, h, w)
+        return Features(stacked, cfg.save_timestep, x)
+
+    def extract(self, images) -> Features:
+        """Real images: DDIM inversion from their latents."""
+        return self._run(self.encode(images), inversion=True)
+
+    def generate(self, batch: int, seed: int | None = None) -> tuple[Features, list[Image.Image]]:
+        """Synthetic images: DDIM sampling from seeded noise; the features along the way and
+        the decoded images."""
+        side = self.config.load_resolution // 8
+        g = torch.Generator().manual_seed(self.config.seed if seed is None else seed)
+        noise = torch.randn((batch, self.unet.config.in_channels, side, side), generator=g).to(self.device)
+        feats = self._run(noise, inversion=False)
+        with torch.inference_mode():
+            imgs = self.vae.decode((feats.latents / self.vae.config.scaling_factor).to(self.dtype)).sample
+        arr = ((imgs.float().clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).cpu().numpy()
+        return feats, [Image.fromarray(a) for a in arr]
+
+
+def resize_to(maps: torch.Tensor, resolution: int) -> torch.Tensor:
+    """(N, C, h, w) -> (N, C, R, R) bilinear, as the authors' collect_and_resize_feats."""
+    if maps.shape[-1] == resolution and maps.shape[-2] == resolution:
+        return maps
+    return F.interpolate(maps, size=resolution, mode="bilinear")
