@@ -226,3 +226,30 @@ def test_api_and_cli_match_draws_the_lines(tiny_pipe, photo_path, tmp_path, caps
                "tiny", "--one-step", "--load-resolution", "64", "--out", str(out)])
     assert rc == 0 and Image.open(out).size == (2 * 96, 80)
     assert "wrote" in capsys.readouterr().out
+
+
+def test_generation_mode(tiny_pipe):
+    ex = FeatureExtractor(tiny_pipe, ExtractConfig(load_resolution=64, num_timesteps=10, save_timestep=(0, 9)))
+    f, images = ex.generate(2, prompt="a photo of a cat", seed=3)
+    g, _ = ex.generate(2, prompt="", seed=3)
+    assert len(images) == 2 and images[0].size == (64, 64) and f.maps[0].shape[:2] == (2, 2)
+    assert not torch.equal(f.maps[-1], g.maps[-1])  # the prompt conditions the run
+
+
+def test_cli_train_then_eval_on_spair_layout(tmp_path, capsys):
+    from emerdiff_fast.cli import main
+
+    root = _spair_fixture(tmp_path / "spair")
+    for split in ("trn", "val"):
+        (root / "PairAnnotation" / split).mkdir()
+        for f in (root / "PairAnnotation/test").glob("*.json"):
+            (root / "PairAnnotation" / split / f.name).write_text(f.read_text())
+    common = ["--model", "tiny", "--one-step", "--load-resolution", "64", "--dataset", "spair", "--root", str(root),
+              "--cache", str(tmp_path / "cache"), "--quiet"]
+    assert main(["hyperfeatures", "train", *common, "--out", str(tmp_path / "run"), "--steps", "2",
+                 "--val-every", "1"]) == 0
+    trained = json.loads(capsys.readouterr().out)
+    assert [h["step"] for h in trained["history"]] == [1, 2] and (tmp_path / "run/best.safetensors").exists()
+    assert main(["hyperfeatures", "eval", *common, "--weights", str(tmp_path / "run/best.safetensors")]) == 0
+    out = capsys.readouterr().out
+    assert "PCK@0.1 (image)" in out and "over 2 keypoints" in out

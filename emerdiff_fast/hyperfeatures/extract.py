@@ -123,7 +123,7 @@ class FeatureExtractor:
             noise = torch.randn(dist.mean.shape, generator=g).to(self.device, dist.mean.dtype)
             return (dist.mean + dist.std * noise) * self.vae.config.scaling_factor
 
-    def _run(self, x: torch.Tensor, inversion: bool) -> Features:
+    def _run(self, x: torch.Tensor, inversion: bool, context: torch.Tensor | None = None) -> Features:
         cfg = self.config
         n = cfg.num_timesteps
         order = list(range(n))
@@ -139,7 +139,7 @@ class FeatureExtractor:
             return fn
 
         handles = [m.register_forward_hook(hook(l)) for l, m in enumerate(self.modules)]
-        ctx = self.context.expand(b, -1, -1)
+        ctx = (self.context if context is None else context).expand(b, -1, -1)
         x = x.float()
         try:
             with torch.inference_mode():
@@ -165,13 +165,15 @@ class FeatureExtractor:
         """Real images: DDIM inversion from their latents."""
         return self._run(self.encode(images), inversion=True)
 
-    def generate(self, batch: int, seed: int | None = None) -> tuple[Features, list[Image.Image]]:
-        """Synthetic images: DDIM sampling from seeded noise; the features along the way and
-        the decoded images."""
+    def generate(self, batch: int, prompt: str = "", seed: int | None = None) -> tuple[Features, list[Image.Image]]:
+        """Synthetic images: text-to-image DDIM sampling from seeded noise (no guidance, as
+        the authors' default guidance_scale -1); the features along the way and the images."""
         side = self.config.load_resolution // 8
         g = torch.Generator().manual_seed(self.config.seed if seed is None else seed)
         noise = torch.randn((batch, self.unet.config.in_channels, side, side), generator=g).to(self.device)
-        feats = self._run(noise, inversion=False)
+        with torch.inference_mode():
+            ctx = self.pipe.encode_prompt(prompt, self.device, 1, False)[0].to(self.dtype)
+        feats = self._run(noise, inversion=False, context=ctx)
         with torch.inference_mode():
             imgs = self.vae.decode((feats.latents / self.vae.config.scaling_factor).to(self.dtype)).sample
         arr = ((imgs.float().clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).cpu().numpy()
