@@ -23,6 +23,14 @@ def skeleton_path(arg: str | None) -> Path:
     return Path(env) / "sd21-base" if env else DEFAULT_SKELETON
 
 
+def skeleton_configs(model: str) -> tuple[dict, dict]:
+    """(unet, vae) configs of a skeleton next to the default one (sd21-base, sd15)."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+
+    root = skeleton_path(None).parent / model
+    return UNet2DConditionModel.load_config(root / "unet"), AutoencoderKL.load_config(root / "vae")
+
+
 def bench_pipeline(full: bool, device, dtype=torch.float32, skeleton: str | None = None):
     """The full-size random-init SD 2.1-base from a skeleton folder, or (full=False) the
     built-in tiny model."""

@@ -15,7 +15,7 @@ import argparse
 
 import torch
 
-from benchmarks.common import skeleton_path
+from benchmarks.common import skeleton_configs
 from emerdiff_fast.config import EmerDiffConfig
 from emerdiff_fast.engine import DEFAULT_DECODE_BATCH, MEMORY_SAFETY
 from emerdiff_fast.memory import MemoryModel, balanced_chunk
@@ -25,11 +25,7 @@ CONTEXT_GB = 1.0
 
 
 def rows(model: str, resolution: int, masks: list[int], dtype=torch.bfloat16) -> list[dict]:
-    from diffusers import AutoencoderKL, UNet2DConditionModel
-
-    root = skeleton_path(None).parent / model
-    m = MemoryModel.of(UNet2DConditionModel.load_config(root / "unet"), AutoencoderKL.load_config(root / "vae"),
-                       resolution, dtype, EmerDiffConfig().modulated_layer)
+    m = MemoryModel.of(*skeleton_configs(model), resolution, dtype, EmerDiffConfig().modulated_layer)
     weights = m.weights()
     out = []
     for k in masks:

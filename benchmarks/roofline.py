@@ -29,7 +29,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 from torch.utils.flop_counter import flop_registry
 
-from benchmarks.common import skeleton_path
+from benchmarks.common import skeleton_configs
 
 # Dense bf16 tensor-core peak (TFLOP/s, fp32 accumulate) and HBM/GDDR bandwidth (TB/s) from
 # the vendors' data sheets.
@@ -120,20 +120,14 @@ def count(fn) -> Trace:
 
 def meta_models(model: str, dtype: torch.dtype):
     """UNet and VAE of a skeleton (sd21-base, sd15) or the tiny model, on the meta device."""
-    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from emerdiff_fast import memory
 
     if model == "tiny":
         from emerdiff_fast.loading import tiny_pipeline
 
         pipe = tiny_pipeline()
-        ucfg, vcfg = pipe.unet.config, pipe.vae.config
-    else:
-        root = skeleton_path(None).parent / model
-        ucfg, vcfg = UNet2DConditionModel.load_config(root / "unet"), AutoencoderKL.load_config(root / "vae")
-    with torch.device("meta"):
-        unet = UNet2DConditionModel.from_config(ucfg).to(dtype).eval()
-        vae = AutoencoderKL.from_config(vcfg).to(dtype).eval()
-    return unet, vae
+        return memory.meta_models(pipe.unet.config, pipe.vae.config, dtype)
+    return memory.meta_models(*skeleton_configs(model), dtype)
 
 
 def image_traces(unet, vae, resolution: int, num_masks: int, feature_samples: int = 8, steps: int = 15,

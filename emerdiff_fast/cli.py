@@ -34,12 +34,23 @@ def _default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def add_model_args(p: argparse.ArgumentParser) -> None:
-    """Options every command shares: model, method, device, logging."""
+def positive_int(value: str) -> int:
+    n = int(value)
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {n}")
+    return n
+
+
+def add_logging_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("-v", "--verbose", action="store_const", const="debug", dest="log_level",
                    help="debug output, third-party warnings included (same as --log-level debug)")
     p.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
     p.set_defaults(log_level="info")
+
+
+def add_model_args(p: argparse.ArgumentParser) -> None:
+    """Options every command shares: model, method, device, logging."""
+    add_logging_args(p)
     p.add_argument("--model", required=True,
                    help="hub id (e.g. CompVis/stable-diffusion-v1-4, the authors' model), diffusers folder, "
                         ".safetensors/.ckpt file, or 'tiny' (random weights, for trying the tool)")
@@ -167,26 +178,18 @@ def cmd_segment(args) -> int:
     shard = distributed.from_env(args.device)  # under torchrun: this rank's share, its own GPU
     args.device = shard.device(args.device)
     out_dir = Path(args.out)
-    problem, todo, skipped = None, [], 0
-    try:
+    with shard.checked(UsageError, raise_as=UsageError):  # every rank looks before any rank writes
         paths, names = list_inputs(args)
         check_device(args.device)
-        # every rank looks before any rank writes (agree() below is a sync point)
-        done = [all((out_dir / f).exists() for f in output_files(n, args.format)) for n in names]
-        existing = [n for n in names if any((out_dir / f).exists() for f in output_files(n, args.format))]
+        present = [[(out_dir / f).exists() for f in output_files(n, args.format)] for n in names]
+        existing = [n for n, there in zip(names, present) if any(there)]
         if shard.is_main:
             check_out_dir(out_dir)
             if existing and not (args.overwrite or args.skip_existing):
                 raise UsageError(f"{len(existing)} of {len(paths)} outputs already exist in {out_dir} (first: "
                                  f"{existing[0]}); use --skip-existing to resume or --overwrite to replace them")
-        todo = [(p, n) for p, n, d in zip(paths, names, done) if not (args.skip_existing and d)]
+        todo = [(p, n) for p, n, there in zip(paths, names, present) if not (args.skip_existing and all(there))]
         skipped = len(paths) - len(todo)
-    except UsageError as exc:
-        problem = str(exc)
-    problem = shard.agree(problem)
-    if problem:
-        distributed.finish(shard)
-        raise UsageError(problem)
     todo = shard.take(todo)
     prefix = shard.log_prefix()
     if skipped and shard.is_main:

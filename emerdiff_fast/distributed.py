@@ -10,6 +10,7 @@ Without torchrun, one process does all of it and nothing here starts a process g
 """
 from __future__ import annotations
 
+import contextlib
 import datetime
 import os
 from dataclasses import dataclass
@@ -53,6 +54,23 @@ class Shard:
         box = [message]
         torch.distributed.broadcast_object_list(box, src=0)
         return box[0]
+
+    @contextlib.contextmanager
+    def checked(self, *errors: type[Exception], raise_as: type[Exception]):
+        """Setup checks that every rank must pass or fail together: an `errors` exception
+        in the block (any rank's own, or rank 0's verdict) ends every rank with
+        raise_as(message) after leaving the process group; no error: the ranks go on
+        together (the block's end is a sync point)."""
+        problem = None
+        try:
+            yield
+        except errors as exc:
+            problem = str(exc)
+        verdict = self.agree(problem)
+        problem = problem or verdict
+        if problem:
+            finish(self)
+            raise raise_as(problem)
 
     def log_prefix(self) -> str:
         return f"[rank {self.rank}/{self.world}] " if self.world > 1 else ""

@@ -16,7 +16,6 @@ what differs, rather than mixed in.
 """
 from __future__ import annotations
 
-import io
 import json
 import logging
 import shutil
@@ -27,38 +26,30 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .config import EmerDiffConfig
 from .datasets import NUM_CLASSES, SUBSETS, SegmentationDataset
 from .images import resize_labels
 from .maps import naive_upsample
 from .metrics import ConceptMIoU, UnsupervisedMIoU, cluster_masks
-from .output import atomic_write
+from .output import atomic_write, npz_bytes
 
 log = logging.getLogger("emerdiff_fast")
 CACHE_VERSION = 2  # bump when the cache entries change: an old cache is then refused
 METHODS = ("emerdiff", "naive")
-# k-means of the dataset's mask embeddings (choice): k-means++, 10 restarts, 100 iterations,
-# seeded with --seed: the per-image k-means' settings.
-DATASET_KMEANS = {"restarts": 10, "max_iter": 100}
-
-
-def _positive(value: str) -> int:
-    import argparse
-
-    n = int(value)
-    if n < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {n}")
-    return n
+# k-means of the dataset's mask embeddings (choice): k-means++, seeded with --seed, with the
+# per-image k-means' restarts and iterations (10, 100).
+DATASET_KMEANS = {"restarts": EmerDiffConfig.kmeans_restarts, "max_iter": EmerDiffConfig.kmeans_iterations}
 
 
 def add_parser(sub, formatter_class=None) -> None:
-    from .cli import add_model_args
+    from .cli import add_model_args, positive_int
 
     p = sub.add_parser("eval", help="evaluate on a benchmark (mIoU, both protocols)", formatter_class=formatter_class)
     p.add_argument("--dataset", required=True, choices=list(NUM_CLASSES))
     p.add_argument("--root", required=True, help="dataset root in its standard layout (README)")
     p.add_argument("--subset", choices=SUBSETS, default="full",
                    help="COCO-Stuff: the full val2017 set (the paper's Table 1) or STEGO's curated list")
-    p.add_argument("--limit", type=_positive, default=None, help="first N validation images only")
+    p.add_argument("--limit", type=positive_int, default=None, help="first N validation images only")
     p.add_argument("--out", default="eval-out",
                    help="folder for the cache and results.json; a rerun with the same settings resumes")
     p.add_argument("--overwrite", action="store_true",
@@ -115,12 +106,6 @@ def _predict(seg, sample) -> dict:
             "gt": sample.label.astype(np.uint16)}
 
 
-def _save_npz(path: Path, arrays: dict) -> None:
-    buf = io.BytesIO()
-    np.savez_compressed(buf, **arrays)
-    atomic_write(path, buf.getvalue())
-
-
 def segment_dataset(seg, dataset: SegmentationDataset, cache: Path, indices: list[int], *, skip_bad: bool = False,
                     progress: bool = True, desc: str = "segment") -> int:
     """Segment the given images into the cache, skipping finished ones; returns how many
@@ -143,7 +128,7 @@ def segment_dataset(seg, dataset: SegmentationDataset, cache: Path, indices: lis
             log.warning("skipped: %s", exc)
             atomic_write(cache / f"{name}.bad", str(exc).encode())
             continue
-        _save_npz(cache / f"{name}.npz", _predict(seg, sample))
+        atomic_write(cache / f"{name}.npz", npz_bytes(_predict(seg, sample)))
         computed += 1
     return computed
 
@@ -271,19 +256,12 @@ def cmd_eval(args) -> int:
     args.device = shard.device(args.device)
     out = Path(args.out)
     settings = _settings(args)
-    problem = None
-    try:
+    with shard.checked(UsageError, DatasetError, ValueError, raise_as=UsageError):
         dataset = SegmentationDataset(args.dataset, args.root, args.limit, args.subset)
         check_device(args.device)
         if shard.is_main:  # one rank prepares the folder; the others learn its verdict
             check_out_dir(out)
             start_run(out, settings, overwrite=args.overwrite)
-    except (UsageError, DatasetError, ValueError) as exc:
-        problem = str(exc)
-    problem = shard.agree(problem)
-    if problem:
-        distributed.finish(shard)
-        raise UsageError(problem)
     seg = build_segmenter(args, progress=False)
     indices = shard.take(list(range(len(dataset))))
     try:

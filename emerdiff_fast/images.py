@@ -99,11 +99,12 @@ def load_image(image, orient: bool = True) -> Image.Image:
     raise ImageError(f"unsupported image type {type(image).__name__}")
 
 
-def to_model_input(image: Image.Image, resolution: int) -> torch.Tensor:
-    """RGB PIL -> (3, R, R) float in [-1, 1]; Lanczos resize, aspect ratio not kept (the notebook's)."""
+def to_model_input(image: Image.Image, resolution: int, resample=Image.LANCZOS) -> torch.Tensor:
+    """RGB PIL -> (3, R, R) float in [-1, 1]; Lanczos resize (the EmerDiff notebook's; the
+    Hyperfeatures authors use bilinear), aspect ratio not kept."""
     if min(image.size) < 1:
         raise ImageError(f"image has an empty size {image.size}")
-    im = image.resize((resolution, resolution), Image.LANCZOS)
+    im = image.resize((resolution, resolution), resample)
     arr = torch.from_numpy(np.asarray(im, dtype=np.float32) / 127.5 - 1.0)
     return arr.permute(2, 0, 1).contiguous()
 

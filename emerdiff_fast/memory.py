@@ -71,7 +71,8 @@ def peak_bytes(fn, existing=()) -> int:
     return peak
 
 
-def _meta_models(unet_config: dict, vae_config: dict, dtype: torch.dtype):
+def meta_models(unet_config: dict, vae_config: dict, dtype: torch.dtype):
+    """UNet and VAE built from their configs on the meta device (no weights, no memory)."""
     from diffusers import AutoencoderKL, UNet2DConditionModel
 
     with torch.device("meta"):
@@ -82,7 +83,7 @@ def _meta_models(unet_config: dict, vae_config: dict, dtype: torch.dtype):
 
 @functools.lru_cache(maxsize=8)
 def _models(unet_json: str, vae_json: str, dtype: torch.dtype):
-    return _meta_models(json.loads(unet_json), json.loads(vae_json), dtype)
+    return meta_models(json.loads(unet_json), json.loads(vae_json), dtype)
 
 
 @functools.lru_cache(maxsize=256)

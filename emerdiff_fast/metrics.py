@@ -223,9 +223,8 @@ def cluster_masks(embeddings: list[np.ndarray], sizes: list[np.ndarray], num_clu
     ids, start = [], 0
     for e, k in zip(embeddings, keep):
         e = np.asarray(e, np.float64)
-        nearest = ((e[:, None, :] - centroids[None]) ** 2).sum(-1).argmin(1)
-        mine = nearest.copy()
-        mine[k] = labels[start:start + k.sum()]
+        mine = ((e[:, None, :] - centroids[None]) ** 2).sum(-1).argmin(1)  # nearest centroid
+        mine[k] = labels[start:start + k.sum()]  # the k-means' own labels where the mask took part
         start += int(k.sum())
         ids.append(mine)
     return DatasetClusters(ids, c, float(res.inertia[0]))

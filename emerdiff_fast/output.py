@@ -107,12 +107,21 @@ FORMATS = ("labels", "overlay", "npz", "legend", "rle", "masks")
 DEFAULT_FORMATS = ("labels", "overlay", "npz", "legend")
 
 
+# the file each single-file format writes, NAME + suffix ("masks" writes a folder of PNGs)
+SUFFIXES = {"labels": ".labels.png", "overlay": ".overlay.png", "npz": ".npz", "legend": ".legend.json",
+            "rle": ".rle.json"}
+
+
+def npz_bytes(arrays: dict) -> bytes:
+    buf = io.BytesIO()
+    np.savez_compressed(buf, **arrays)
+    return buf.getvalue()
+
+
 def output_files(name: str, formats, labels: np.ndarray | None = None) -> list[str]:
     """File names (relative to the output folder) that `formats` give for image `name`.
     Per-segment masks go to NAME.masks/ID.png; without `labels` that folder is listed."""
-    names = {"labels": f"{name}.labels.png", "overlay": f"{name}.overlay.png", "npz": f"{name}.npz",
-             "legend": f"{name}.legend.json", "rle": f"{name}.rle.json"}
-    files = [names[f] for f in formats if f in names]
+    files = [name + SUFFIXES[f] for f in formats if f in SUFFIXES]
     if "masks" in formats:
         files += ([f"{name}.masks/{i}.png" for i in np.unique(labels).tolist()] if labels is not None
                   else [f"{name}.masks"])
@@ -133,25 +142,23 @@ def save_result(result: SegmentationResult, photo: Image.Image, out_dir: Path, n
     records = segments(labels)
     files: dict[str, bytes] = {}
     if "labels" in formats:
-        files[f"{name}.labels.png"] = _png(label_png(labels))
+        files[name + SUFFIXES["labels"]] = _png(label_png(labels))
     if "overlay" in formats:
-        files[f"{name}.overlay.png"] = _png(overlay(photo, labels))
+        files[name + SUFFIXES["overlay"]] = _png(overlay(photo, labels))
     if "legend" in formats:
-        files[f"{name}.legend.json"] = json.dumps({"segments": records}, indent=1).encode()
+        files[name + SUFFIXES["legend"]] = json.dumps({"segments": records}, indent=1).encode()
     if "rle" in formats:
         coco = [{**r, "segmentation": rle_encode(labels == r["id"])} for r in records]
-        files[f"{name}.rle.json"] = json.dumps(coco).encode()
+        files[name + SUFFIXES["rle"]] = json.dumps(coco).encode()
     if "masks" in formats:
         for r in records:
             files[f"{name}.masks/{r['id']}.png"] = _png(Image.fromarray((labels == r["id"]).astype(np.uint8) * 255, "L"))
-    if "npz" in formats:
+    if "npz" in formats:  # last: its presence marks a complete set
         arrays = {"labels": labels, "low_res_labels": result.low_res_labels,
                   "mask_embeddings": result.mask_embeddings}
         if difference_maps and result.difference_maps is not None:
             arrays["difference_maps"] = result.difference_maps
-        buf = io.BytesIO()
-        np.savez_compressed(buf, **arrays)
-        files[f"{name}.npz"] = buf.getvalue()
+        files[name + SUFFIXES["npz"]] = npz_bytes(arrays)
     for fname, data in files.items():
         (out_dir / fname).parent.mkdir(parents=True, exist_ok=True)
         atomic_write(out_dir / fname, data)

@@ -5,6 +5,7 @@ maps from the trajectory (reference.py: one modulated run per mask, engine.py: o
 run for all masks). The trajectory and the denoising loop are sampling.py's."""
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
 import time
@@ -26,7 +27,6 @@ from .sampling import (ReverseSchedule, alphas_cumprod, feature_noise, latent_dt
 from .timing import timed
 
 BACKENDS = ("reference", "fast", "naive")
-DECODE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 ERRORS = ("raise", "skip")
 log = logging.getLogger("emerdiff_fast")
 
@@ -77,8 +77,9 @@ class EmerDiff:
             self.context = pipe.encode_prompt("", self.device, 1, False)[0].to(self.dtype)
         self.unet_call = self.unet
         self.decode_vae = self.vae  # a copy in config.decode_dtype when that differs (a speed preset)
-        if self.config.decode_dtype and DECODE_DTYPES[self.config.decode_dtype] != self.dtype:
-            self.decode_vae = copy.deepcopy(self.vae).to(DECODE_DTYPES[self.config.decode_dtype])
+        decode_dtype = getattr(torch, self.config.decode_dtype) if self.config.decode_dtype else self.dtype
+        if decode_dtype != self.dtype:  # (config allows only float32, bfloat16, float16)
+            self.decode_vae = copy.deepcopy(self.vae).to(decode_dtype)
         if self.config.approximate:
             log.warning("approximate settings (%s): faster, but their fidelity against the exact method is "
                         "unmeasured here (only label agreement on a random tiny model: benchmarks/"
@@ -123,8 +124,6 @@ class EmerDiff:
     def compiling(self, batch: int):
         """Context for a UNet call batch: says so, and how long it took, when torch.compile
         traces a new shape (the first call only)."""
-        import contextlib
-
         if not self.compile_mode or batch in self._compiled_batches:
             return contextlib.nullcontext()
         self._compiled_batches.add(batch)

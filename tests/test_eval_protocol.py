@@ -5,7 +5,8 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
-from emerdiff_fast.evaluate import _save_npz, score
+from emerdiff_fast.evaluate import score
+from emerdiff_fast.output import atomic_write, npz_bytes
 from emerdiff_fast.metrics import cluster_masks, unsupervised_miou
 
 C, K, H, W, N = 3, 3, 6, 9, 5
@@ -36,8 +37,8 @@ def write_cache(tmp_path, gts, labels, embs):
     cache.mkdir()
     items = []
     for i, (gt, lab, emb) in enumerate(zip(gts, labels, embs)):
-        _save_npz(cache / f"img{i}.npz", {"emerdiff": lab, "naive": lab, "embeddings": emb,
-                                          "sizes": np.full(K, 4), "gt": gt})
+        atomic_write(cache / f"img{i}.npz", npz_bytes({"emerdiff": lab, "naive": lab, "embeddings": emb,
+                                                        "sizes": np.full(K, 4), "gt": gt}))
         items.append((f"img{i}", None, None))
     ds = SimpleNamespace(name="constructed", subset="full", items=items, num_classes=C, ignore_index=255)
     return ds, cache

@@ -92,15 +92,12 @@ class AggregationNetwork(nn.Module):
         return self.bottlenecks[layer](x)
 
     def save(self, path) -> None:
-        from safetensors.torch import save_file
+        from safetensors.torch import save
 
         from ..output import atomic_write
 
-        tmp = Path(path).with_name(f".{Path(path).name}.tmp")
-        save_file({k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()}, str(tmp),
-                  metadata={"config": json.dumps(asdict(self.config))})
-        atomic_write(Path(path), tmp.read_bytes())
-        tmp.unlink()
+        atomic_write(Path(path), save({k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()},
+                                      metadata={"config": json.dumps(asdict(self.config))}))
 
     @classmethod
     def load(cls, path, device="cpu") -> "AggregationNetwork":

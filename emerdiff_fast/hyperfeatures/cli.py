@@ -9,7 +9,7 @@ import numpy as np
 
 
 def _common(p) -> None:
-    from ..cli import DTYPES
+    from ..cli import DTYPES, add_logging_args
 
     p.add_argument("--model", required=True, help="as for segment: hub id, folder, single file, or 'tiny'")
     p.add_argument("--random-init", action="store_true")
@@ -20,15 +20,15 @@ def _common(p) -> None:
     p.add_argument("--weights", default=None, help="a trained aggregation network (.safetensors)")
     p.add_argument("--cache", default=None, help="folder caching extracted features")
     p.add_argument("--quiet", action="store_true")
-    p.add_argument("-v", "--verbose", action="store_const", const="debug", dest="log_level")
-    p.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
-    p.set_defaults(log_level="info")
+    add_logging_args(p)
 
 
 def _data(p) -> None:
+    from ..cli import positive_int
+
     p.add_argument("--dataset", choices=["spair", "cub"], required=True)
     p.add_argument("--root", required=True, help="SPair-71k or CUB-200-2011 root in its own layout")
-    p.add_argument("--limit", type=int, default=None, help="first N pairs only")
+    p.add_argument("--limit", type=positive_int, default=None, help="first N pairs only")
 
 
 def add_parser(sub, formatter_class=None) -> None:

@@ -25,12 +25,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from ..images import load_image
+from ..images import load_image, to_model_input
 from ..sampling import alphas_cumprod
 
 ALL_STEPS = (49, 45, 40, 35, 30, 25, 20, 15, 10, 5, 0)  # the authors' "all steps" save_timestep
@@ -114,9 +113,7 @@ class FeatureExtractor:
         """Images (paths, PIL, arrays, or a (B, 3, H, W) tensor in [-1, 1]) -> latents."""
         if not isinstance(images, torch.Tensor):
             r = self.config.load_resolution
-            arrs = [np.asarray(load_image(im).resize((r, r), Image.BILINEAR), np.float32) / 127.5 - 1
-                    for im in images]
-            images = torch.from_numpy(np.stack(arrs)).permute(0, 3, 1, 2)
+            images = torch.stack([to_model_input(load_image(im), r, Image.BILINEAR) for im in images])
         g = torch.Generator().manual_seed(self.config.seed)
         with torch.inference_mode():
             dist = self.vae.encode(images.to(self.device, self.dtype)).latent_dist

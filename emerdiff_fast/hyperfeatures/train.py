@@ -10,6 +10,7 @@ optimizer, step, best) makes a run resumable.
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import logging
 from dataclasses import asdict, dataclass
@@ -127,9 +128,8 @@ def train(net: AggregationNetwork, cache: FeatureCache, train_pairs: list[Pair],
                 if score["pck_img"] > best:
                     best = score["pck_img"]
                     net.save(out / "best.safetensors")
-                buf = {"net": net.state_dict(), "opt": opt.state_dict(), "step": done, "best": best,
-                       "history": history}
-                tmp = out / ".last.pt.tmp"
-                torch.save(buf, tmp)
-                tmp.replace(out / "last.pt")
+                buf = io.BytesIO()
+                torch.save({"net": net.state_dict(), "opt": opt.state_dict(), "step": done, "best": best,
+                            "history": history}, buf)
+                atomic_write(out / "last.pt", buf.getvalue())
     return {"history": history, "best_pck_img": best}
