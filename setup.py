@@ -9,9 +9,11 @@ setup(
     python_requires=">=3.10",
     # kernels/ lives at the top of the repo but installs as emerdiff_fast.kernels, so no
     # top-level `kernels` package lands in site-packages.
-    packages=["emerdiff_fast", "emerdiff_fast.kernels", "emerdiff_fast.hyperfeatures"],
+    packages=["emerdiff_fast", "emerdiff_fast.kernels", "emerdiff_fast.hyperfeatures", "emerdiff_fast.mini"],
     package_dir={"emerdiff_fast": "emerdiff_fast", "emerdiff_fast.kernels": "kernels",
-                 "emerdiff_fast.hyperfeatures": "emerdiff_fast/hyperfeatures"},
+                 "emerdiff_fast.hyperfeatures": "emerdiff_fast/hyperfeatures", "emerdiff_fast.mini": "emerdiff_fast/mini"},
+    # the trained mini model ships inside the package (a diffusers folder, ~22 MB)
+    package_data={"emerdiff_fast.mini": ["model/*.json", "model/*.md", "model/*/*"]},
     install_requires=[
         "torch>=2.4",
         "triton>=3.0",

@@ -157,7 +157,7 @@ def demo_modulation(seg, batch: int) -> Modulation:
     """Modulation for a fast-path UNet batch of `batch` members (member 0 the reference):
     K masks tiling the feature grid, members cycling (mask i, +lam), (mask i, -lam)."""
     k, dev = seg.config.num_masks, seg.device
-    pos = torch.arange((seg.config.resolution // 32) ** 2, device=dev)
+    pos = torch.arange(seg.feature_grid[0] * seg.feature_grid[1], device=dev)
     masks = (pos[None] % k == torch.arange(k, device=dev)[:, None]).float()
     coef = torch.tensor([0.0] + [seg.config.lam * (-1) ** i for i in range(batch - 1)], device=dev)
     return Modulation(masks, torch.arange(batch, device=dev) // 2 % k, coef)

@@ -85,11 +85,12 @@ class ReferenceProcessor:
         else:  # inject the reference run's probabilities at this layer and step
             q, k = st.store[(self.name, st.step)]
         probs = attn.get_attention_scores(q, k)
-        v = attn.head_to_batch_dim(attn.to_v(context))
-        batch = hidden_states.shape[0]
-        if probs.shape[0] != v.shape[0]:  # one reference P for every batch member
-            probs = probs.repeat(batch, 1, 1)
-        out = attn.to_out[1](attn.to_out[0](attn.batch_to_head_dim(torch.bmm(probs, v))))
+        if probs.shape[0] == attn.heads * hidden_states.shape[0]:  # the reference run itself
+            out = attn.batch_to_head_dim(torch.bmm(probs, attn.head_to_batch_dim(attn.to_v(context))))
+        else:  # one reference P for every batch member: applied by broadcasting, never copied per
+            # member (a repeat would hold batch x heads x N x M, ~16 GB per 64x64 layer at chunk 60)
+            out = kernels.shared_attention_torch(probs, attn.to_v(context))
+        out = attn.to_out[1](attn.to_out[0](out))
         if self.name == st.modulated_layer and st.modulate_now:
             out = out + modulation_term(st.modulation, out.dtype)
         return _finish(attn, out, hidden_states)

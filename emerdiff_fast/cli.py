@@ -51,21 +51,30 @@ def add_logging_args(p: argparse.ArgumentParser) -> None:
 def add_model_args(p: argparse.ArgumentParser) -> None:
     """Options every command shares: model, method, device, logging."""
     add_logging_args(p)
-    p.add_argument("--model", required=True,
+    p.add_argument("--model", default=None,
                    help="hub id (e.g. CompVis/stable-diffusion-v1-4, the authors' model), diffusers folder, "
-                        ".safetensors/.ckpt file, or 'tiny' (random weights, for trying the tool)")
+                        ".safetensors/.ckpt file, 'mini' (the default: built in, trained on generated shapes "
+                        "only) or 'tiny' (random weights, for tests)")
     p.add_argument("--random-init", action="store_true", help="--model is a config folder: seeded random weights")
     p.add_argument("--single-file-config", help="diffusers folder with the configs for a single-file checkpoint")
+    p.add_argument("--variant", help="weights variant of a diffusers checkpoint, e.g. fp16")
+    p.add_argument("--revision", help="hub revision: branch, tag or commit")
+    p.add_argument("--local-files-only", action="store_true", help="never reach the hub: the local cache only")
+    p.add_argument("--cache-dir", help="hub cache folder (default: the Hugging Face cache)")
     p.add_argument("--device", default=_default_device(), help="cpu, cuda, cuda:N, ...")
-    p.add_argument("--dtype", default="float32", choices=sorted(DTYPES), help="model weights and activations")
+    p.add_argument("--dtype", default="auto", choices=["auto", *sorted(DTYPES)],
+                   help="model weights and activations; auto: bfloat16 on CUDA devices that support it, else float32")
     p.add_argument("--backend", choices=["fast", "reference", "naive"], default="fast",
                    help="fast and reference compute the same function; naive is the paper's SD baseline")
-    p.add_argument("--masks", type=int, default=30, help="number of segments K")
-    p.add_argument("--lam", type=float, default=10.0, help="modulation strength lambda")
+    # None: the model's recommended value (its emerdiff.json, e.g. the mini model's), else the paper's
+    p.add_argument("--masks", type=int, default=None, help="number of segments K (default: the model's, else 30)")
+    p.add_argument("--lam", type=float, default=None, help="modulation strength lambda (default: the model's, else 10)")
     p.add_argument("--seed", type=int, default=0, help="seeds the noise draws and k-means")
-    p.add_argument("--resolution", type=int, default=512, help="processing resolution, a multiple of 64")
-    p.add_argument("--feature-samples", type=int, default=8,
-                   help="noise draws averaged for the k-means features (the authors' notebook: 100)")
+    p.add_argument("--resolution", type=int, default=None,
+                   help="processing resolution, a multiple of 64 (default: the model's, else 512)")
+    p.add_argument("--feature-samples", type=int, default=None,
+                   help="noise draws averaged for the k-means features (default: the model's, else 8; "
+                        "the authors' notebook: 100)")
     p.add_argument("--max-batch", type=int, default=None,
                    help="fast backend: modulated runs per batch (default: all on CPU, by free memory on CUDA)")
     p.add_argument("--compile", action="store_true", help="fast backend: torch.compile the UNet")
@@ -92,11 +101,22 @@ def check_device(name: str) -> torch.device:
                              "use --device cpu")
         if device.index is not None and device.index >= torch.cuda.device_count():
             raise UsageError(f"--device {name}: only {torch.cuda.device_count()} CUDA device(s) visible")
-    elif device.type == "mps" and not torch.backends.mps.is_available():
-        raise UsageError(f"--device {name}: MPS is not available here")
+    elif device.type == "mps":
+        raise UsageError(f"--device {name}: MPS is not supported (the inversion computes in float64, which MPS "
+                         "lacks); use cuda or cpu")
     elif device.type not in ("cpu", "cuda", "mps", "xpu"):
         raise UsageError(f"--device {name}: unsupported device type {device.type!r}")
     return device
+
+
+def resolve_dtype(name: str, device) -> torch.dtype:
+    """--dtype: a name, or auto = bfloat16 on a CUDA device that supports it, else float32."""
+    if name != "auto":
+        return DTYPES[name]
+    device = torch.device(device)
+    if device.type == "cuda" and torch.cuda.is_bf16_supported():
+        return torch.bfloat16
+    return torch.float32
 
 
 def check_out_dir(out: Path) -> None:
@@ -112,16 +132,44 @@ def check_out_dir(out: Path) -> None:
         raise UsageError(f"--out {out} is not writable ({exc.strerror or exc})") from None
 
 
+# command-line option -> EmerDiffConfig field, for the options a model may recommend
+METHOD_OPTIONS = {"masks": "num_masks", "lam": "lam", "resolution": "resolution", "feature_samples": "feature_samples"}
+
+
+def resolve_model_args(args) -> None:
+    """Fill --model (default mini, said in one line) and every method option left unset
+    from the model's recommended settings, else EmerDiffConfig's defaults, before any work:
+    a run records (and eval's resume check compares) the values actually used."""
+    from .config import EmerDiffConfig
+    from .loading import recommended_settings
+
+    if args.model is None:
+        args.model = "mini"
+        log.info("no --model given: using the built-in mini model (it knows generated shapes only; "
+                 "for photographs give --model with a Stable Diffusion checkpoint)")
+    recommended = {} if args.random_init else recommended_settings(args.model)
+    for option, field in METHOD_OPTIONS.items():
+        if getattr(args, option) is None:
+            setattr(args, option, recommended.get(field, EmerDiffConfig.__dataclass_fields__[field].default))
+    # settings beyond these options (e.g. t_modulate) come with the model, unless --random-init
+    args.model_settings = {k: v for k, v in recommended.items() if k not in METHOD_OPTIONS.values()}
+
+
 def build_segmenter(args, progress: bool = False):
     from . import EmerDiff, EmerDiffConfig, FastOptions, load_pipeline
 
-    config = EmerDiffConfig(num_masks=args.masks, lam=args.lam, seed=args.seed, resolution=args.resolution,
-                            feature_samples=args.feature_samples).with_preset(args.preset)
+    config = EmerDiffConfig(**{**getattr(args, "model_settings", {}), "num_masks": args.masks, "lam": args.lam,
+                               "seed": args.seed, "resolution": args.resolution,
+                               "feature_samples": args.feature_samples}).with_preset(args.preset)
     if args.backend != "fast" and (args.compile or args.channels_last or args.max_batch):
         raise UsageError("--compile, --channels-last and --max-batch apply to --backend fast only")
-    log.info("loading %s on %s (%s)", args.model, args.device, args.dtype)
-    pipe = load_pipeline(args.model, device=args.device, dtype=DTYPES[args.dtype], random_init=args.random_init,
-                         seed=args.seed, config=args.single_file_config)
+    dtype = resolve_dtype(args.dtype, args.device)
+    log.info("loading %s on %s (%s)", args.model, args.device, str(dtype).removeprefix("torch."))
+    hub = {k: getattr(args, k) for k in ("variant", "revision", "cache_dir") if getattr(args, k)}
+    if args.local_files_only:
+        hub["local_files_only"] = True
+    pipe = load_pipeline(args.model, device=args.device, dtype=dtype, random_init=args.random_init,
+                         seed=args.seed, config=args.single_file_config, **hub)
     options = FastOptions(channels_last=True) if args.channels_last else None
     return EmerDiff(pipe, config, backend=args.backend, compile=args.compile_mode if args.compile else False,
                     max_batch=args.max_batch, options=options, progress=progress)
@@ -175,6 +223,7 @@ def cmd_segment(args) -> int:
     from .output import output_files, save_result
 
     set_max_pixels(args.max_pixels)
+    resolve_model_args(args)
     shard = distributed.from_env(args.device)  # under torchrun: this rank's share, its own GPU
     args.device = shard.device(args.device)
     out_dir = Path(args.out)
@@ -223,6 +272,22 @@ def cmd_segment(args) -> int:
         print(f"{prefix}{failed} of {len(todo)} images failed", file=sys.stderr)
     distributed.finish(shard)
     return 1 if failed else 0
+
+
+def cmd_scenes(args) -> int:
+    from .scenes import HELDOUT_SEEDS, TRAIN_SEEDS, write_dataset
+
+    out = Path(args.out)
+    if (out / "scenes.jsonl").exists() and not args.overwrite:
+        raise UsageError(f"{out} already holds a scene set (scenes.jsonl); use --overwrite to replace it")
+    check_out_dir(out)
+    seeds = range(args.seed, args.seed + args.n)
+    if seeds.start < TRAIN_SEEDS.stop and seeds.stop > TRAIN_SEEDS.start:
+        log.warning("seeds %d..%d overlap the mini model's training seeds (%d..%d); held-out seeds start at %d",
+                    seeds.start, seeds.stop - 1, TRAIN_SEEDS.start, TRAIN_SEEDS.stop - 1, HELDOUT_SEEDS.start)
+    write_dataset(out, args.n, args.seed, args.size, progress=not args.quiet)
+    log.info("wrote %d scenes to %s (read them with: eval --dataset shapes --root %s)", args.n, out, out)
+    return 0
 
 
 class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
@@ -279,6 +344,19 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     add_model_args(p)
     p.set_defaults(func=cmd_segment)
+    from .scenes import DEFAULT_SIZE, HELDOUT_SEEDS
+
+    p = sub.add_parser("scenes", help="write a set of generated scenes with ground truth (the mini model's world)",
+                       formatter_class=fmt)
+    p.add_argument("--out", required=True, help="folder: scenes.jsonl, images/, instances/, classes/")
+    p.add_argument("-n", type=positive_int, default=200, help="number of scenes")
+    p.add_argument("--seed", type=int, default=HELDOUT_SEEDS.start,
+                   help="first seed (scenes seed..seed+n-1); the default is the first held-out seed")
+    p.add_argument("--size", type=positive_int, default=DEFAULT_SIZE, help="image side in pixels")
+    p.add_argument("--overwrite", action="store_true", help="replace a scene set in --out")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    add_logging_args(p)
+    p.set_defaults(func=cmd_scenes)
     from . import evaluate
     from .hyperfeatures import cli as hyperfeatures_cli
 

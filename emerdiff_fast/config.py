@@ -46,11 +46,6 @@ class EmerDiffConfig:
             raise ConfigError(f"num_masks must be at least 2, got {self.num_masks}")
         if self.resolution <= 0 or self.resolution % 64:
             raise ConfigError(f"resolution must be a positive multiple of 64, got {self.resolution}")
-        grid = self.feature_grid_size
-        if self.num_masks > grid:
-            raise ConfigError(
-                f"num_masks={self.num_masks} exceeds the {grid} low-resolution positions "
-                f"at resolution {self.resolution} (feature grid {self.resolution // 32}x{self.resolution // 32})")
         if not (self.lam == self.lam) or abs(self.lam) == float("inf"):
             raise ConfigError(f"lam must be finite, got {self.lam}")
         if self.num_inference_steps < 1 or 1000 % self.num_inference_steps:
@@ -89,10 +84,12 @@ class EmerDiffConfig:
         """Whether this config leaves the exact method (a speed preset's changes)."""
         return (self.num_inference_steps != 50 or self.decode_dtype is not None or self.decode_scale != 1.0)
 
-    @property
-    def feature_grid_size(self) -> int:
-        """Positions of the 16x16 (at 512 px) feature map: SD's up_blocks[1] runs at 1/32 scale."""
-        return (self.resolution // 32) ** 2
+    def check_grid(self, grid: tuple[int, int]) -> None:
+        """K must not exceed the feature layer's positions (the model decides the grid)."""
+        if self.num_masks > grid[0] * grid[1]:
+            raise ConfigError(
+                f"num_masks={self.num_masks} exceeds the {grid[0] * grid[1]} low-resolution positions "
+                f"at resolution {self.resolution} (feature grid {grid[0]}x{grid[1]})")
 
     def replace(self, **changes) -> "EmerDiffConfig":
         return dataclasses.replace(self, **changes)
@@ -105,6 +102,29 @@ class EmerDiffConfig:
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+
+def vae_scale_factor(vae_config) -> int:
+    """Image pixels per latent position (8 for SD: one downsampling per encoder block but the last)."""
+    return 2 ** (len(vae_config["block_out_channels"]) - 1)
+
+
+def layer_scale(unet_config, layer: str) -> int:
+    """Latent positions per position of an attention layer: down_blocks.i runs at 1/2^i,
+    the mid block at the lowest level, up_blocks.i at 1/2^(L-1-i) for L levels (SD's
+    up_blocks.1 at 1/4 of the latent: 16x16 at 512 px; the mini model's at 8x8 at 64 px)."""
+    levels = len(unet_config["block_out_channels"])
+    block, _, rest = layer.partition(".")
+    if block == "mid_block":
+        return 2 ** (levels - 1)
+    index = int(rest.split(".")[0])
+    return 2 ** index if block == "down_blocks" else 2 ** (levels - 1 - index)
+
+
+def layer_grid(unet_config, vae_config, size: tuple[int, int], layer: str) -> tuple[int, int]:
+    """(h, w) positions of `layer` for an image of size (H, W) pixels."""
+    f = vae_scale_factor(vae_config) * layer_scale(unet_config, layer)
+    return size[0] // f, size[1] // f
 
 
 # Speed presets (approximate, off by default): each trades fidelity to the exact method for

@@ -5,7 +5,8 @@ pixels hold the dataset's `ignore_index` (255; 65535 for PASCAL-Context-459, who
 classes do not fit a byte). COCO-Stuff and Cityscapes-27 follow STEGO/PiCIE: shorter side
 resized to 320 (bilinear image, nearest label) and centre-cropped to 320. ADE20K,
 PASCAL-Context and Cityscapes-19 (the paper's Table 2, modified protocol) are evaluated at
-their original size (choice). COCO-Stuff uses the full val2017 set (5000 images, the
+their original size (choice). `shapes` reads generated scenes (scenes.py's layout): 4
+classes, background, disc, rectangle, triangle, at their own size. COCO-Stuff uses the full val2017 set (5000 images, the
 paper's Table 1) unless subset="curated" (STEGO's 2175-image list, which scores higher).
 """
 from __future__ import annotations
@@ -55,9 +56,10 @@ LUTS = {
     "cityscapes19": _lut(CITYSCAPES_19),
     "pascal_context59": _lut({v: v - 1 for v in range(1, 60)}),     # 0 = background -> ignored
     "pascal_context459": None,  # stored 0-based already (0..458, 65535 ignored)
+    "shapes": _lut({v: v for v in range(4)}),                      # generated scenes (scenes.py)
 }
 NUM_CLASSES = {"cocostuff27": 27, "cocostuff171": 171, "ade20k": 150, "cityscapes": 27, "cityscapes19": 19,
-               "pascal_context59": 59, "pascal_context459": 459}
+               "pascal_context59": 59, "pascal_context459": 459, "shapes": 4}
 CROP_320 = {"cocostuff27", "cocostuff171", "cityscapes"}
 SUBSETS = ("full", "curated")
 
@@ -117,6 +119,12 @@ def _pairs(name: str, root: Path, subset: str = "full") -> list[tuple[str, Path,
         labs = sorted(_need(voc / "annotations_detectron2/pc459_val",
                             "PASCAL-Context-459 annotations_detectron2/pc459_val (detectron2 layout)").glob("*.tif"))
         return [(p.stem, voc / "JPEGImages" / f"{p.stem}.jpg", p) for p in labs]
+    if name == "shapes":  # scenes.write_dataset's layout; scenes.jsonl lists the finished scenes
+        from .scenes import read_records
+
+        _need(root / "scenes.jsonl", "scenes.jsonl (write a set with `emerdiff-fast scenes`)")
+        return [(r["id"], root / "images" / f"{r['id']}.png", root / "classes" / f"{r['id']}.png")
+                for r in read_records(root)]
     raise DatasetError(f"unknown dataset {name!r}; choose from {', '.join(NUM_CLASSES)}")
 
 

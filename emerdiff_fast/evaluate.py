@@ -4,7 +4,9 @@
 1. Segment: every image once into OUT/cache/NAME.npz (EmerDiff and naive labels, mask
    embeddings, mask sizes, the preprocessed ground truth), atomic writes, so an
    interrupted run resumes and never recomputes a finished image. Under torchrun each rank
-   segments its share; an unreadable sample with --skip-bad leaves NAME.bad instead.
+   segments its share; an unreadable sample with --skip-bad leaves NAME.bad instead, and an
+   image whose segmentation fails (NaN/inf, or CUDA out of memory at the smallest chunk)
+   NAME.failed, without stopping the run (both are listed in results.json).
 2. Score (rank 0, after all ranks are done), from the cache alone, in two passes:
    pass 1 gathers every mask embedding (clustered into C = number of classes for the
    traditional protocol) and the dataset's concept embeddings; pass 2 scores each image:
@@ -118,7 +120,7 @@ def segment_dataset(seg, dataset: SegmentationDataset, cache: Path, indices: lis
     computed = 0
     for i in tqdm(indices, desc=desc, unit="img", disable=not progress):
         name = dataset.items[i][0]
-        if (cache / f"{name}.npz").exists() or (cache / f"{name}.bad").exists():
+        if any((cache / f"{name}{suffix}").exists() for suffix in (".npz", ".bad", ".failed")):
             continue
         try:
             sample = dataset[i]
@@ -128,7 +130,15 @@ def segment_dataset(seg, dataset: SegmentationDataset, cache: Path, indices: lis
             log.warning("skipped: %s", exc)
             atomic_write(cache / f"{name}.bad", str(exc).encode())
             continue
-        atomic_write(cache / f"{name}.npz", npz_bytes(_predict(seg, sample)))
+        try:
+            prediction = _predict(seg, sample)
+        except (FloatingPointError, torch.cuda.OutOfMemoryError) as exc:
+            # one image that overflows, or still runs out of memory at the smallest chunk, must
+            # not end a multi-hour run: logged, skipped and listed in results.json
+            log.error("%s: %s; skipped", name, str(exc).splitlines()[0])
+            atomic_write(cache / f"{name}.failed", f"{type(exc).__name__}: {exc}".encode())
+            continue
+        atomic_write(cache / f"{name}.npz", npz_bytes(prediction))
         computed += 1
     return computed
 
@@ -149,7 +159,8 @@ def score(dataset: SegmentationDataset, cache: Path, *, matching: str = "dataset
 
     names = [item[0] for item in dataset.items]
     bad = [n for n in names if (cache / f"{n}.bad").exists()]
-    good = [n for n in names if n not in set(bad)]
+    failed = [n for n in names if (cache / f"{n}.failed").exists()]
+    good = [n for n in names if n not in set(bad) | set(failed)]
     if not good:
         raise RuntimeError("no image could be scored")
     methods = [m for m in METHODS if m in np.load(cache / f"{good[0]}.npz").files]
@@ -180,7 +191,7 @@ def score(dataset: SegmentationDataset, cache: Path, *, matching: str = "dataset
 
     results = {
         "dataset": dataset.name, "subset": dataset.subset if dataset.name.startswith("cocostuff") else None,
-        "images": len(good), "skipped_unreadable": bad,
+        "images": len(good), "skipped_unreadable": bad, "skipped_failed": failed,
         "protocols": {
             "traditional": {
                 "matching": matching,
@@ -247,11 +258,12 @@ def format_table(results: dict) -> str:
 
 def cmd_eval(args) -> int:
     from . import distributed
-    from .cli import UsageError, build_segmenter, check_device, check_out_dir
+    from .cli import UsageError, build_segmenter, check_device, check_out_dir, resolve_model_args
     from .datasets import DatasetError
     from .images import set_max_pixels
 
     set_max_pixels(args.max_pixels)
+    resolve_model_args(args)
     shard = distributed.from_env(args.device)
     args.device = shard.device(args.device)
     out = Path(args.out)

@@ -1,5 +1,9 @@
 """Getting a Stable Diffusion pipeline: hub id, diffusers folder, single file, object,
-random-init skeleton, or the built-in tiny model."""
+random-init skeleton, the built-in trained `mini` model or the built-in random `tiny` one.
+
+A diffusers folder may carry `emerdiff.json` beside model_index.json: the EmerDiff settings
+its model is meant to run with (the mini model's resolution and K), used wherever the user
+sets none (`recommended_settings`)."""
 from __future__ import annotations
 
 import contextlib
@@ -11,6 +15,7 @@ from pathlib import Path
 import torch
 
 SKELETON_ENV = "EMERDIFF_SKELETONS"  # folder holding sd15/ and sd21-base/ config skeletons
+RECOMMENDED_FILE = "emerdiff.json"
 
 
 class ModelLoadError(RuntimeError):
@@ -113,15 +118,45 @@ def resolve_skeleton(name: str) -> Path | None:
     return None
 
 
+def _model_folder(source) -> Path | None:
+    """The local folder a source loads from (None for hub ids, files and random models)."""
+    if hasattr(source, "unet"):
+        source = getattr(source, "name_or_path", None) or ""
+    source = os.fspath(source)
+    if source == "mini":
+        from .mini import MODEL_DIR
+
+        return MODEL_DIR
+    return Path(source) if source and Path(source).is_dir() else None
+
+
+def recommended_settings(source) -> dict:
+    """The EmerDiffConfig fields that a model folder's emerdiff.json recommends ({} if it
+    has none): a pipeline, "mini", or a local folder."""
+    from .config import ConfigError, EmerDiffConfig
+
+    folder = _model_folder(source)
+    if folder is None or not (folder / RECOMMENDED_FILE).exists():
+        return {}
+    settings = json.loads((folder / RECOMMENDED_FILE).read_text())
+    unknown = set(settings) - set(EmerDiffConfig.__dataclass_fields__)
+    if unknown:
+        raise ConfigError(f"{folder / RECOMMENDED_FILE} names unknown settings: {', '.join(sorted(unknown))}")
+    return settings
+
+
 def load_pipeline(source, *, device=None, dtype=None, random_init: bool = False, seed: int = 0,
-                  config: str | os.PathLike | None = None):
+                  config: str | os.PathLike | None = None, **from_pretrained_kwargs):
     """Load a StableDiffusionPipeline for EmerDiff.
 
-    source: a pipeline object (used as is, moved only if device/dtype are given), "tiny",
-    a local diffusers folder, a hub id, or a single .safetensors/.ckpt file (`config` names
+    source: a pipeline object (used as is, moved only if device/dtype are given), "mini"
+    (the built-in model trained on generated shapes), "tiny" (random weights), a local
+    diffusers folder, a hub id, or a single .safetensors/.ckpt file (`config` names
     a diffusers folder for its configs, which avoids fetching them from the hub).
     random_init=True builds full-size models from the config folder `source` with seeded
     random weights. device defaults to "cpu" and dtype to float32 for everything but objects.
+    from_pretrained_kwargs (variant, revision, local_files_only, cache_dir, token, ...) go
+    to diffusers' from_pretrained / from_single_file as they are.
     """
     pipe_cls = _pipeline_class()
     if isinstance(source, pipe_cls) or hasattr(source, "unet") and hasattr(source, "vae"):
@@ -134,6 +169,8 @@ def load_pipeline(source, *, device=None, dtype=None, random_init: bool = False,
     source_str = os.fspath(source)
     if source_str == "tiny":
         pipe = tiny_pipeline(seed)
+    elif source_str == "mini":
+        pipe = _load_mini(pipe_cls, dtype)
     elif random_init:
         path = Path(source_str) if Path(source_str).exists() else resolve_skeleton(source_str)
         if path is None:
@@ -142,14 +179,24 @@ def load_pipeline(source, *, device=None, dtype=None, random_init: bool = False,
                 f"(give a path, or a name under ${SKELETON_ENV})")
         pipe = random_init_pipeline(path, seed)
     else:
-        pipe = _load_weights(pipe_cls, source_str, dtype, config)
+        pipe = _load_weights(pipe_cls, source_str, dtype, config, from_pretrained_kwargs)
     pipe.set_progress_bar_config(disable=True)
     if pipe.unet.dtype != dtype:
         pipe = pipe.to(dtype=dtype)
     return pipe.to(device=device)
 
 
-def _load_weights(pipe_cls, source: str, dtype, config):
+def _load_mini(pipe_cls, dtype):
+    from .mini import MODEL_DIR
+
+    if not (MODEL_DIR / "model_index.json").exists():
+        raise ModelLoadError(f"the mini model is not installed (no {MODEL_DIR / 'model_index.json'}); "
+                             "train it with `python -m emerdiff_fast.mini train`, or use --model tiny")
+    return pipe_cls.from_pretrained(MODEL_DIR, torch_dtype=dtype, safety_checker=None,
+                                    requires_safety_checker=False, local_files_only=True)
+
+
+def _load_weights(pipe_cls, source: str, dtype, config, kwargs: dict):
     path = Path(source)
     is_file_like = path.suffix in (".safetensors", ".ckpt")
     hint = ("give a local diffusers folder, a .safetensors/.ckpt file, a cached hub id, "
@@ -161,13 +208,14 @@ def _load_weights(pipe_cls, source: str, dtype, config):
         if path.is_file():
             if not is_file_like:
                 raise ModelLoadError(f"model file {source!r} must end in .safetensors or .ckpt")
-            kwargs = {"config": os.fspath(config), "local_files_only": True} if config else {}
+            if config:
+                kwargs = {"config": os.fspath(config), "local_files_only": True, **kwargs}
             return pipe_cls.from_single_file(source, torch_dtype=dtype, safety_checker=None,
                                              requires_safety_checker=False, **kwargs)
         if path.is_dir() and not (path / "model_index.json").exists():
             raise ModelLoadError(f"{source!r} is a folder but not a diffusers pipeline (no model_index.json); {hint}")
         return pipe_cls.from_pretrained(source, torch_dtype=dtype, safety_checker=None,
-                                        requires_safety_checker=False)
+                                        requires_safety_checker=False, **kwargs)
     except ModelLoadError:
         raise
     except Exception as exc:  # hub/network/format errors: one line, no deep stack trace

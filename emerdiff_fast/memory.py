@@ -22,6 +22,8 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
+from .config import layer_grid, vae_scale_factor
+
 
 class LiveBytes(TorchDispatchMode):
     """Peak bytes of the storages allocated inside the mode (tensors that existed before,
@@ -92,8 +94,9 @@ def _unet_call_bytes(unet_json: str, vae_json: str, dtype: torch.dtype, resoluti
     from .attention import Modulation, RunState, SharedProcessor, installed, make_processors
 
     unet, vae = _models(unet_json, vae_json, dtype)
-    side = resolution // 8
-    n = (side // 4) ** 2  # positions of the modulated layer (the 16x16 block at 512 px)
+    side = resolution // vae_scale_factor(vae.config)
+    h, w = layer_grid(unet.config, vae.config, (resolution, resolution), modulated_layer)
+    n = h * w  # positions of the modulated layer (the 16x16 block at 512 px for SD)
     state = RunState(mode="shared", modulated_layer=modulated_layer, modulate_now=True)
     state.modulation = Modulation(torch.zeros(members, n, device="meta"),
                                   torch.zeros(members, dtype=torch.long, device="meta"),
@@ -109,7 +112,8 @@ def _unet_call_bytes(unet_json: str, vae_json: str, dtype: torch.dtype, resoluti
 @functools.lru_cache(maxsize=64)
 def _decode_bytes(unet_json: str, vae_json: str, dtype: torch.dtype, resolution: int, images: int) -> int:
     _, vae = _models(unet_json, vae_json, dtype)
-    z = torch.empty(images, vae.config.latent_channels, resolution // 8, resolution // 8, device="meta", dtype=dtype)
+    side = resolution // vae_scale_factor(vae.config)
+    z = torch.empty(images, vae.config.latent_channels, side, side, device="meta", dtype=dtype)
     return peak_bytes(lambda: vae.decode(z).sample, [*vae.parameters(), *vae.buffers(), z])
 
 

@@ -228,3 +228,78 @@ def cluster_masks(embeddings: list[np.ndarray], sizes: list[np.ndarray], num_clu
         start += int(k.sum())
         ids.append(mine)
     return DatasetClusters(ids, c, float(res.inertia[0]))
+
+
+# ---- per-image instance metrics (generated scenes: benchmarks/quality.py, mini model) ----
+def _iou_table(pred: np.ndarray, gt: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Overlap counts (P, G) of predicted segments with ground-truth instances, and the
+    pixel counts of each; ids are compacted first (absent ids take no row or column)."""
+    _, p = np.unique(np.asarray(pred).ravel(), return_inverse=True)
+    _, g = np.unique(np.asarray(gt).ravel(), return_inverse=True)
+    n_p, n_g = p.max() + 1, g.max() + 1
+    inter = np.bincount(p * n_g + g, minlength=n_p * n_g).reshape(n_p, n_g)
+    return inter, inter.sum(1), inter.sum(0)
+
+
+def many_to_one(pred: np.ndarray, gt: np.ndarray) -> np.ndarray:
+    """The prediction with each segment relabelled as the ground-truth instance it overlaps
+    most."""
+    pred, gt = np.asarray(pred), np.asarray(gt)
+    p_ids, p = np.unique(pred.ravel(), return_inverse=True)
+    g_ids, g = np.unique(gt.ravel(), return_inverse=True)
+    inter = np.bincount(p * len(g_ids) + g, minlength=len(p_ids) * len(g_ids)).reshape(len(p_ids), len(g_ids))
+    return g_ids[inter.argmax(1)][p].reshape(gt.shape)
+
+
+def many_to_one_miou(pred: np.ndarray, gt: np.ndarray) -> float:
+    """Mean IoU over the ground-truth instances (background included) of `many_to_one`'s
+    merged prediction. It scores boundaries, not the segment count: over-segmenting costs
+    nothing."""
+    merged, gt = many_to_one(pred, gt), np.asarray(gt)
+    ious = [((merged == j) & (gt == j)).sum() / ((merged == j) | (gt == j)).sum() for j in np.unique(gt)]
+    return float(np.mean(ious))
+
+
+def hungarian_miou(pred: np.ndarray, gt: np.ndarray) -> float:
+    """One-to-one matching of segments to instances maximising IoU; unmatched instances
+    score 0."""
+    inter, p_count, g_count = _iou_table(pred, gt)
+    iou = inter / (p_count[:, None] + g_count[None, :] - inter)
+    rows, cols = linear_sum_assignment(iou, maximize=True)
+    return float(iou[rows, cols].sum() / iou.shape[1])
+
+
+def _boundary(labels: np.ndarray) -> np.ndarray:
+    """Pixels with a 4-neighbour of another label."""
+    b = np.zeros(labels.shape, bool)
+    b[:, 1:] |= labels[:, 1:] != labels[:, :-1]
+    b[:, :-1] |= labels[:, 1:] != labels[:, :-1]
+    b[1:] |= labels[1:] != labels[:-1]
+    b[:-1] |= labels[1:] != labels[:-1]
+    return b
+
+
+def _dilate(mask: np.ndarray, radius: int) -> np.ndarray:
+    from scipy.ndimage import binary_dilation
+
+    return binary_dilation(mask, np.ones((2 * radius + 1,) * 2, bool))
+
+
+def boundary_f1(pred: np.ndarray, gt: np.ndarray, tolerance: int = 1) -> float:
+    """F1 of boundary pixels, a match being within `tolerance` px (Chebyshev)."""
+    bp, bg = _boundary(np.asarray(pred)), _boundary(np.asarray(gt))
+    if not bp.any() and not bg.any():
+        return 1.0
+    if not bp.any() or not bg.any():
+        return 0.0
+    precision = (bp & _dilate(bg, tolerance)).sum() / bp.sum()
+    recall = (bg & _dilate(bp, tolerance)).sum() / bg.sum()
+    return float(0.0 if precision + recall == 0 else 2 * precision * recall / (precision + recall))
+
+
+def instance_scores(pred: np.ndarray, gt: np.ndarray) -> dict[str, float]:
+    """Per-image scores against an instance map. Boundary F1 is taken on the many-to-one
+    merged prediction, so it scores object boundaries, not boundaries between segments
+    that cover one object."""
+    return {"many_to_one_miou": many_to_one_miou(pred, gt), "hungarian_miou": hungarian_miou(pred, gt),
+            "boundary_f1": boundary_f1(many_to_one(pred, gt), gt)}

@@ -15,10 +15,11 @@ import torch.nn.functional as F
 
 from . import engine, reference
 from .attention import RunState, find_module
-from .config import ConfigError, EmerDiffConfig
+from .config import ConfigError, EmerDiffConfig, layer_grid
 from .engine import FastOptions
 from .images import ImageError, load_image, resize_labels, to_model_input
 from .kmeans import kmeans
+from .loading import recommended_settings
 from .maps import assign_labels, gaussian_blur, mask_embeddings, masks_from_labels, naive_upsample
 from .prefix import PrefixState
 from .result import SegmentationResult
@@ -28,7 +29,14 @@ from .timing import timed
 
 BACKENDS = ("reference", "fast", "naive")
 ERRORS = ("raise", "skip")
+IMAGE_BATCH = 8  # images encoded and clustered together (choice: bounds device memory for long lists)
 log = logging.getLogger("emerdiff_fast")
+
+
+def recommended_config(pipe, **overrides) -> EmerDiffConfig:
+    """EmerDiffConfig with the model's recommended settings (loading.recommended_settings)
+    under `overrides`: what EmerDiff(pipe) uses when given no config."""
+    return EmerDiffConfig(**{**recommended_settings(pipe), **overrides})
 
 
 class _StopForward(Exception):
@@ -61,11 +69,24 @@ class EmerDiff:
         if self.options.channels_last:
             pipe.unet.to(memory_format=torch.channels_last)
             pipe.vae.to(memory_format=torch.channels_last)
-        self.pipe, self.config, self.backend = pipe, config or EmerDiffConfig(), backend
+        # no config: the model's recommended settings (its emerdiff.json), else the paper's
+        self.pipe, self.config, self.backend = pipe, config or recommended_config(pipe), backend
         self.unet, self.vae = pipe.unet, pipe.vae
         self.device, self.dtype = self.unet.device, self.unet.dtype
+        if self.device.type == "mps":  # the inversion's coefficients and noise are float64
+            raise ValueError("MPS devices are not supported: the inversion computes in float64, which MPS "
+                             "lacks; use cuda or cpu")
         for field in ("feature_layer", "modulated_layer"):
             find_module(self.unet, getattr(self.config, field))
+        res = self.config.resolution
+        self.feature_grid = layer_grid(self.unet.config, self.vae.config, (res, res), self.config.feature_layer)
+        modulated_grid = layer_grid(self.unet.config, self.vae.config, (res, res), self.config.modulated_layer)
+        if modulated_grid != self.feature_grid:  # the masks come from one layer and modulate the other
+            raise ConfigError(
+                f"feature_layer {self.config.feature_layer} runs at {self.feature_grid[0]}x{self.feature_grid[1]} "
+                f"but modulated_layer {self.config.modulated_layer} at {modulated_grid[0]}x{modulated_grid[1]}; "
+                "the masks found at the first must fit the second: pick layers of one resolution")
+        self.config.check_grid(self.feature_grid)
         if max_batch is not None and max_batch < 2:
             raise ValueError(f"max_batch must be at least 2 (one +/- pair), got {max_batch}")
         if decode_batch is not None and decode_batch < 1:
@@ -77,8 +98,10 @@ class EmerDiff:
             self.context = pipe.encode_prompt("", self.device, 1, False)[0].to(self.dtype)
         self.unet_call = self.unet
         self.decode_vae = self.vae  # a copy in config.decode_dtype when that differs (a speed preset)
-        decode_dtype = getattr(torch, self.config.decode_dtype) if self.config.decode_dtype else self.dtype
-        if decode_dtype != self.dtype:  # (config allows only float32, bfloat16, float16)
+        # the VAE runs in its own dtype (an fp32 VAE under a 16-bit UNet is the usual fix for
+        # VAE overflow), unless a speed preset asks for another decode dtype
+        decode_dtype = getattr(torch, self.config.decode_dtype) if self.config.decode_dtype else self.vae.dtype
+        if decode_dtype != self.vae.dtype:  # (config allows only float32, bfloat16, float16)
             self.decode_vae = copy.deepcopy(self.vae).to(decode_dtype)
         if self.config.approximate:
             log.warning("approximate settings (%s): faster, but their fidelity against the exact method is "
@@ -141,8 +164,8 @@ class EmerDiff:
     # ---- shared stages ---------------------------------------------------------------
     def encode(self, pixels: torch.Tensor) -> torch.Tensor:
         """(n, 3, R, R) in [-1, 1] -> latent means times the VAE scaling factor (SPEC 1.1)."""
-        dist = self.vae.encode(pixels.to(self.device, self.dtype)).latent_dist
-        return dist.mean * self.vae.config.scaling_factor
+        dist = self.vae.encode(pixels.to(self.vae.device, self.vae.dtype)).latent_dist
+        return (dist.mean * self.vae.config.scaling_factor).to(self.device)
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         lat = (latents / self.vae.config.scaling_factor).to(self.decode_vae.dtype)
@@ -204,8 +227,11 @@ class EmerDiff:
                 loaded.append(None)
         good = [i for i, im in enumerate(loaded) if im is not None]
         out: list[SegmentationResult | None] = [None] * len(images)
-        if good:
-            for i, r in zip(good, self._segment([loaded[i] for i in good], errors)):
+        # bounded groups: a long list never sits on the device at once (per-image seeding makes
+        # a group's results equal single calls)
+        for start in range(0, len(good), IMAGE_BATCH):
+            group = good[start:start + IMAGE_BATCH]
+            for i, r in zip(group, self._segment([loaded[i] for i in group], errors)):
                 out[i] = r
         return out
 

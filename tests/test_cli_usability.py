@@ -184,7 +184,7 @@ def test_version_help_defaults_and_module_entry():
     r = run_cli("--version")
     assert r.returncode == 0 and r.stdout.strip() == f"emerdiff-fast {emerdiff_fast.__version__}"
     r = run_cli("segment", "--help")
-    assert r.returncode == 0 and "(default: 30)" in r.stdout and "(default: fast)" in r.stdout
+    assert r.returncode == 0 and "(default: the model's, else 30)" in r.stdout and "(default: fast)" in r.stdout
 
 
 def test_third_party_noise_silenced(photo_path, tmp_path):

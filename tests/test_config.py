@@ -16,8 +16,6 @@ def test_defaults_are_the_papers():
 
 @pytest.mark.parametrize("kwargs, words", [
     (dict(num_masks=1), "at least 2"),
-    (dict(num_masks=257), "exceeds the 256"),
-    (dict(num_masks=17, resolution=128), "exceeds the 16"),
     (dict(t_modulate=280), "not on the 50-step schedule"),
     (dict(resolution=500), "multiple of 64"),
     (dict(modulated_layer="up_blocks.1.attn9"), "unknown layer name"),
@@ -29,6 +27,23 @@ def test_defaults_are_the_papers():
 def test_invalid_configs_fail_clearly(kwargs, words):
     with pytest.raises(ConfigError, match=words):
         EmerDiffConfig(**kwargs)
+
+
+@pytest.mark.parametrize("kwargs, words", [
+    (dict(num_masks=257), "exceeds the 256"),
+    (dict(num_masks=17, resolution=128), "exceeds the 16"),
+])
+def test_masks_beyond_the_models_feature_grid(tiny_pipe, kwargs, words):
+    # the grid comes from the model (the tiny model has SD's 1/32 scale at up_blocks.1)
+    with pytest.raises(ConfigError, match=words):
+        EmerDiff(tiny_pipe, EmerDiffConfig(**kwargs))
+
+
+def test_feature_and_modulated_layers_of_different_resolutions_are_refused(tiny_pipe):
+    cfg = EmerDiffConfig(resolution=128, num_masks=4,
+                         modulated_layer="up_blocks.2.attentions.0.transformer_blocks.0.attn2")
+    with pytest.raises(ConfigError, match="runs at 4x4 but modulated_layer up_blocks.2.*at 8x8"):
+        EmerDiff(tiny_pipe, cfg)
 
 
 def test_layer_missing_from_model(tiny_pipe):

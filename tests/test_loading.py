@@ -68,3 +68,32 @@ def test_bad_single_file(tmp_path):
     f.write_bytes(b"garbage")
     with pytest.raises(ModelLoadError, match="could not load weights"):
         load_pipeline(f, config=tmp_path)
+
+
+def test_variant_and_hub_options_reach_from_pretrained(tiny_pipe, tmp_path, monkeypatch):
+    """A real fp16 variant saved by the test, found only with --variant fp16; the CLI's hub
+    options arrive at diffusers' from_pretrained unchanged."""
+    tiny_pipe.save_pretrained(tmp_path / "pipe", variant="fp16")
+    assert any(".fp16." in p.name for p in (tmp_path / "pipe" / "unet").iterdir())
+    loaded = load_pipeline(tmp_path / "pipe", variant="fp16", local_files_only=True)
+    assert _unet_equal(loaded, tiny_pipe)
+    from diffusers import StableDiffusionPipeline
+
+    from emerdiff_fast.cli import main
+
+    seen = {}
+
+    def fake(source, **kwargs):
+        seen.update(kwargs)
+        raise OSError("stop here")
+
+    monkeypatch.setattr(StableDiffusionPipeline, "from_pretrained", fake)
+    img = tmp_path / "x.png"
+    from PIL import Image
+
+    Image.new("RGB", (8, 8)).save(img)
+    rc = main(["segment", str(img), "--out", str(tmp_path / "o"), "--model", "org/model", "--variant", "fp16",
+               "--revision", "abc123", "--local-files-only", "--cache-dir", str(tmp_path / "hf"), "--quiet"])
+    assert rc == 2
+    assert {k: seen[k] for k in ("variant", "revision", "local_files_only", "cache_dir")} == {
+        "variant": "fp16", "revision": "abc123", "local_files_only": True, "cache_dir": str(tmp_path / "hf")}

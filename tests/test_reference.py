@@ -126,3 +126,23 @@ def test_features_average_the_queries_of_every_noise_draw(tiny_pipe):
     assert batches == [3] and mean.shape == (16, 64)
     assert torch.allclose(mean, singles.mean(0), atol=1e-5)
     assert not torch.allclose(singles[0], singles[1], atol=1e-5)
+
+
+def test_injected_probabilities_are_broadcast_not_copied_per_member():
+    """SD 1.5's 64x64 self-attention at chunk 60: a per-member copy of P would hold
+    60 x 8 x 4096 x 4096 bf16 values (16 GB); broadcasting holds P once (0.27 GB)."""
+    from diffusers.models.attention_processor import Attention
+
+    from emerdiff_fast.attention import ReferenceProcessor, RunState
+    from emerdiff_fast.memory import peak_bytes
+
+    batch, n, heads, d = 60, 4096, 8, 40
+    with torch.device("meta"):
+        attn = Attention(query_dim=heads * d, heads=heads, dim_head=d).to(torch.bfloat16)
+        x = torch.empty(batch, n, heads * d, dtype=torch.bfloat16)
+        q, k = torch.empty(heads, n, d, dtype=torch.bfloat16), torch.empty(heads, n, d, dtype=torch.bfloat16)
+    state = RunState(mode="inject", store={("layer", 0): (q, k)})
+    proc = ReferenceProcessor("layer", state)
+    peak = peak_bytes(lambda: proc(attn, x), [*attn.parameters(), x, q, k])
+    p_bytes = heads * n * n * 2
+    assert peak < 4 * p_bytes, peak / p_bytes  # P, its softmax input, and member-sized activations

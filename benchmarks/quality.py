@@ -1,0 +1,160 @@
+"""EmerDiff's quality on the trained mini model, measured on held-out generated scenes
+(seeds from scenes.HELDOUT_SEEDS: never used to train the model or to choose its settings).
+
+    python -m benchmarks.quality --n 200 --out benchmarks/results/mini-quality
+
+1. `emerdiff-fast eval --dataset shapes` on the scenes (fast backend, the model's
+   recommended settings): the traditional and modified protocols on the class maps, and a
+   cache holding, per scene, EmerDiff's labels and the naive baseline's (the same k-means
+   masks, bilinearly upsampled).
+2. Per-image instance scores from that cache (metrics.instance_scores): many-to-one mIoU,
+   Hungarian mIoU, boundary F1 within 1 px.
+3. `--fidelity`: every approximation, as many-to-one mIoU and as label agreement with the
+   exact float32 fast path (segment ids matched one-to-one by overlap first, since a
+   changed k-means may number the same segments differently).
+4. A picture grid: input, naive, EmerDiff, ground truth.
+
+Writes OUT/quality.json and OUT/grid.png.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from emerdiff_fast.metrics import confusion, hungarian, instance_scores
+from emerdiff_fast.scenes import HELDOUT_SEEDS, make_scene, write_dataset
+
+
+def _mean_se(values) -> dict:
+    v = np.asarray(values, dtype=np.float64)
+    return {"mean": float(v.mean()), "se": float(v.std(ddof=1) / np.sqrt(len(v))) if len(v) > 1 else 0.0}
+
+
+def label_agreement(a: np.ndarray, b: np.ndarray) -> float:
+    """Share of pixels whose labels agree once a's ids are matched one-to-one to b's."""
+    n = int(max(a.max(), b.max())) + 1
+    conf = confusion(a, b, n, n, ignore_index=-1)
+    mapping = hungarian(conf)
+    return float(sum(conf[p, g] for p, g in mapping.items()) / a.size)
+
+
+def run_eval(root: Path, out: Path, model: str) -> dict:
+    from emerdiff_fast.cli import main
+
+    rc = main(["eval", "--dataset", "shapes", "--root", str(root), "--out", str(out / "eval"), "--model", model,
+               "--quiet", "--device", "cpu"])
+    if rc != 0:
+        raise SystemExit(f"eval failed with exit {rc}")
+    return json.loads((out / "eval" / "results.json").read_text())
+
+
+def instance_table(seeds, cache: Path) -> tuple[dict, dict]:
+    per = {"emerdiff": [], "naive": []}
+    labels = {"emerdiff": [], "naive": []}
+    for s in seeds:
+        scene = make_scene(s)
+        with np.load(cache / f"{scene.id}.npz") as f:
+            for m in per:
+                per[m].append(instance_scores(f[m], scene.instances))
+                labels[m].append(f[m])
+    table = {m: {k: _mean_se([p[k] for p in rows]) for k in rows[0]} for m, rows in per.items()}
+    return table, labels
+
+
+FIDELITY = {  # name -> (EmerDiffConfig changes, dtype, backend)
+    "bfloat16": ({}, torch.bfloat16, "fast"),
+    "float16": ({}, torch.float16, "fast"),
+    "feature_samples=1": ({"feature_samples": 1}, torch.float32, "fast"),
+    "feature_samples=32": ({"feature_samples": 32}, torch.float32, "fast"),
+    "feature_samples=100": ({"feature_samples": 100}, torch.float32, "fast"),
+    "kmeans_restarts=1": ({"kmeans_restarts": 1}, torch.float32, "fast"),
+    "preset grid25": ("grid25", torch.float32, "fast"),
+    "preset decode-fast": ("decode-fast", torch.float32, "fast"),
+    "preset fastest": ("fastest", torch.float32, "fast"),
+    "modulate_steps=3": ({"modulate_steps": 3}, torch.float32, "fast"),
+    "reference backend": ({}, torch.float32, "reference"),
+}
+
+
+def fidelity(seeds, exact: list[np.ndarray], model: str) -> dict:
+    from emerdiff_fast import EmerDiff, load_pipeline, recommended_config
+
+    scenes = [make_scene(s) for s in seeds]
+    images = [Image.fromarray(s.image) for s in scenes]
+    rows = {}
+    for name, (change, dtype, backend) in FIDELITY.items():
+        pipe = load_pipeline(model, dtype=dtype)
+        base = recommended_config(pipe)
+        cfg = base.with_preset(change) if isinstance(change, str) else base.replace(**change)
+        seg = EmerDiff(pipe, cfg, backend=backend)
+        start = time.perf_counter()
+        labels = [r.labels for r in seg(images)]
+        seconds = (time.perf_counter() - start) / len(images)
+        rows[name] = {
+            "many_to_one_miou": _mean_se([instance_scores(l, s.instances)["many_to_one_miou"]
+                                          for l, s in zip(labels, scenes)]),
+            "label_agreement": _mean_se([label_agreement(l, e) for l, e in zip(labels, exact)]),
+            "s_per_scene": seconds}
+        print(f"{name}: mIoU {rows[name]['many_to_one_miou']['mean']:.3f}, agreement "
+              f"{rows[name]['label_agreement']['mean']:.3f}, {seconds:.2f} s/scene", flush=True)
+    return rows
+
+
+def _colour(labels: np.ndarray) -> np.ndarray:
+    from emerdiff_fast.output import palette
+
+    pal = np.asarray(palette(int(labels.max()) + 1), np.uint8)
+    return pal[labels]
+
+
+def picture_grid(seeds, labels: dict, path: Path, scale: int = 3) -> None:
+    rows = []
+    for i, s in enumerate(seeds):
+        scene = make_scene(s)
+        tiles = [scene.image, _colour(labels["naive"][i]), _colour(labels["emerdiff"][i]), _colour(scene.instances)]
+        rows.append(np.concatenate([np.pad(t, ((2, 2), (2, 2), (0, 0)), constant_values=255) for t in tiles], 1))
+    grid = np.concatenate(rows, 0)
+    Image.fromarray(grid).resize((grid.shape[1] * scale, grid.shape[0] * scale), Image.NEAREST).save(path)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--n", type=int, default=200, help="held-out scenes")
+    p.add_argument("--out", default="benchmarks/results/mini-quality")
+    p.add_argument("--model", default="mini")
+    p.add_argument("--fidelity", type=int, default=0, metavar="N", help="also the approximations, on N of the scenes")
+    p.add_argument("--grid", type=int, default=8, help="scenes in the picture grid")
+    args = p.parse_args(argv)
+    from diffusers.utils import logging as diffusers_logging
+
+    diffusers_logging.disable_progress_bar()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    seeds = list(range(HELDOUT_SEEDS.start, HELDOUT_SEEDS.start + args.n))
+    root = out / "scenes"
+    if not (root / "scenes.jsonl").exists():
+        write_dataset(root, args.n, HELDOUT_SEEDS.start)
+    start = time.perf_counter()
+    protocols = run_eval(root, out, args.model)
+    table, labels = instance_table(seeds, out / "eval" / "cache")
+    result = {"model": args.model, "scenes": args.n, "seeds": [seeds[0], seeds[-1]], "instance": table,
+              "protocols": {m: {k: protocols[m][k]["miou"] for k in protocols[m] if isinstance(protocols[m][k], dict)
+                                and "miou" in protocols[m][k]} for m in ("emerdiff", "naive")},
+              "eval_s": time.perf_counter() - start}
+    print(json.dumps(result["instance"], indent=1))
+    picture_grid(seeds[:args.grid], labels, out / "grid.png")
+    if args.fidelity:
+        result["fidelity"] = fidelity(seeds[:args.fidelity], labels["emerdiff"][:args.fidelity], args.model)
+    (out / "quality.json").write_text(json.dumps(result, indent=1))
+    print(f"wrote {out / 'quality.json'}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,94 @@
+"""Shipping a trained run: its best export goes into the package (`MODEL_DIR`) with
+`emerdiff.json` (the model's recommended EmerDiff settings) and `MODEL_CARD.md` (how it was
+trained, and what it learned at each evaluation)."""
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import torch
+
+from . import MODEL_DIR, RESOLUTION
+from ..loading import RECOMMENDED_FILE
+from ..scenes import HELDOUT_SEEDS
+
+# The mini model's EmerDiff settings. Resolution: its native 64 px (8x8 feature grid).
+# K: a scene holds 1-4 shapes and a background, so 6 masks leave room for a split background
+# (chosen before any held-out scene was segmented; the paper sweeps K for each data set too).
+# Everything else is the method's default.
+RECOMMENDED = {"resolution": RESOLUTION, "num_masks": 6}
+
+
+def _attention_rows(record: dict) -> list[str]:
+    rows = []
+    for name, st in record["attention"].items():
+        rows.append(f"| {record['step']} | `{name}` | {st['entropy']:.3f} | {st['object_mass']:.3f} | "
+                    f"{st['object_share']:.3f} |")
+    return rows
+
+
+def model_card(run: Path, best: dict) -> str:
+    cfg = json.loads((run / "train_config.json").read_text())
+    vae, unet = (torch.load(run / f, weights_only=False, map_location="cpu") for f in ("vae.pt", "unet.pt"))
+    log = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
+    train_args = " ".join(f"--{k.replace('_', '-')} {v}" for k, v in cfg.items()
+                          if k not in ("train_seeds", "validation_seeds"))
+    lines = [
+        "# mini: a miniature Stable Diffusion trained on generated scenes",
+        "",
+        "Knows generated shapes only (emerdiff_fast/scenes.py: flat-coloured discs, rectangles and triangles on "
+        "plain, gradient, striped or noisy backgrounds, 64 px). For photographs use a real SD checkpoint.",
+        "",
+        "## Training",
+        f"- Command: `python -m emerdiff_fast.mini train --out RUN {train_args}`, then "
+        "`python -m emerdiff_fast.mini ship --run RUN`.",
+        f"- Seed {cfg['seed']}. Training scenes: seeds {cfg['train_seeds'][0]}..{cfg['train_seeds'][1] - 1}. "
+        f"Checkpoint choice: validation seeds {cfg['validation_seeds'][0]}..{cfg['validation_seeds'][1] - 1}. "
+        f"Never used for either: the held-out seeds from {HELDOUT_SEEDS.start} (quality is measured there).",
+        f"- VAE: {vae['step']} steps of batch {cfg['vae_batch']}, final reconstruction loss (L1 + MSE on [-1, 1]) "
+        f"{vae['rec_loss']:.4f}, {vae['wall_s'] / 60:.1f} min.",
+        f"- UNet + text encoder: {unet['step']} steps of batch {cfg['unet_batch']} (captions dropped to the empty "
+        f"prompt with p = {cfg['caption_drop']}), final loss (mean of the last 500) {unet['loss']:.4f}, "
+        f"{unet['wall_s'] / 60:.1f} min; EMA {cfg['ema_decay']} of the weights ships.",
+        "- Wall times are training steps only, on a 2-core CPU (no GPU), evaluations excluded.",
+        f"- Shipped: the evaluation at step {best['step']}, the best by EmerDiff's many-to-one mIoU on "
+        f"{cfg['eval_scenes']} validation scenes (K = {cfg['eval_masks']}).",
+        "",
+        "## Recommended EmerDiff settings (emerdiff.json; used unless overridden)",
+        "",
+        *[f"- `{k}` = {v}" for k, v in RECOMMENDED.items()],
+        "- everything else: the method's defaults (lambda 10, t_modulate 281, the layers "
+        "`up_blocks.1.attentions.{0,2}.transformer_blocks.0.attn2`, 8 feature samples).",
+        "",
+        "## What it learned, at each evaluation (validation scenes)",
+        "",
+        "Many-to-one mIoU: each segment goes to the instance it overlaps most (metrics.instance_scores).",
+        "",
+        "| step | loss | EmerDiff mIoU | naive mIoU | EmerDiff boundary F1 | naive boundary F1 |",
+        "| --- | --- | --- | --- | --- | --- |",
+        *[f"| {r['step']} | {r['loss']:.4f} | {r['scores']['fast']['many_to_one_miou']:.3f} | "
+          f"{r['scores']['naive']['many_to_one_miou']:.3f} | {r['scores']['fast']['boundary_f1']:.3f} | "
+          f"{r['scores']['naive']['boundary_f1']:.3f} |" for r in log],
+        "",
+        f"Self-attention at t = 281 on {cfg.get('attention_scenes', 32)} validation scenes: entropy / log N (1 = uniform), and the attention mass "
+        "a query on an object puts on the same object, beside the object's share of the tokens (equal when the "
+        "layer ignores objects).",
+        "",
+        "| step | layer | entropy | object mass | object share |",
+        "| --- | --- | --- | --- | --- |",
+        *[row for r in log for row in _attention_rows(r)],
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def ship(run: str | Path, target: Path = MODEL_DIR) -> Path:
+    run = Path(run)
+    best = json.loads((run / "best.json").read_text())
+    if target.exists():
+        shutil.rmtree(target)
+    shutil.copytree(run / "best", target)
+    (target / RECOMMENDED_FILE).write_text(json.dumps(RECOMMENDED, indent=1) + "\n")
+    (target / "MODEL_CARD.md").write_text(model_card(run, best))
+    return target
