@@ -6,6 +6,7 @@
 #   bash benchmarks/gpu_session.sh check       # kernel tests on CUDA, fast-vs-reference at 512 px
 #   bash benchmarks/gpu_session.sh waterfall   # benchmarks/waterfall.py --full (JSON + RESULTS.md)
 #   bash benchmarks/gpu_session.sh bench       # pytest-benchmark suite, full size
+#   bash benchmarks/gpu_session.sh gpu18       # issue 18's GPU-only checks (chunk, CUDA graphs, int64)
 # Everything lands in $OUT (log, JSON, RESULTS.md, benchmark JSON); copy it into the repo.
 set -o pipefail
 export PYTHONUNBUFFERED=1 EMERDIFF_SKELETONS=$PWD/.skeletons
@@ -27,5 +28,7 @@ case "$1" in
   bench)
     EMERDIFF_BENCH_FULL=1 python3 -m pytest -q -p no:cacheprovider benchmarks/ --benchmark-only \
       --benchmark-json "$OUT/bench.json" 2>&1 | tail -60 | tee "$OUT/bench.log" ;;
-  *) echo "usage: $0 check|waterfall|bench"; exit 2 ;;
+  gpu18)
+    python3 -m benchmarks.gpu_checks --json "$OUT/gpu_checks.json" 2>&1 | tee "$OUT/gpu18.log" ;;
+  *) echo "usage: $0 check|waterfall|bench|gpu18"; exit 2 ;;
 esac

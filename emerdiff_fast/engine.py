@@ -72,14 +72,47 @@ def memory_model(seg) -> MemoryModel:
                           seg.config.modulated_layer)
 
 
+def allocatable_bytes(device) -> int:
+    """What the caching allocator can hand out: the driver's free memory plus the blocks it
+    already holds but does not use. mem_get_info alone would count those held blocks as
+    taken, so every image after the first would see less memory and pick a smaller chunk."""
+    free, _ = torch.cuda.mem_get_info(device)
+    return free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+
+
 def auto_max_batch(seg, num_members: int) -> int:
     """All members at once on the CPU; on CUDA, the largest chunk whose predicted peak
-    (memory.MemoryModel, traced on meta tensors) fits MEMORY_SAFETY of free memory."""
+    (memory.MemoryModel, traced on meta tensors) fits MEMORY_SAFETY of allocatable memory."""
     if seg.device.type != "cuda":
         return num_members
-    free, _ = torch.cuda.mem_get_info(seg.device)
     decode_batch = seg.decode_batch or DEFAULT_DECODE_BATCH
-    return max(2, memory_model(seg).largest_chunk(MEMORY_SAFETY * free, num_members, decode_batch))
+    budget = MEMORY_SAFETY * allocatable_bytes(seg.device)
+    return max(2, memory_model(seg).largest_chunk(budget, num_members, decode_batch))
+
+
+class ChunkPlan:
+    """The fast path's chunk, decided once per (resolution, K) and kept for the segmenter's
+    life: a chunk that changed from image to image would retrace a compiled UNet and make
+    results depend on image order. After a CUDA out-of-memory error `back_off` halves it
+    (balanced), for that image's retry and every later image."""
+
+    def __init__(self):
+        self.chunks: dict[tuple[int, int], int] = {}
+
+    def chunk(self, seg) -> int:
+        key = (seg.config.resolution, seg.config.num_masks)
+        if key not in self.chunks:
+            self.chunks[key] = chunk_size(seg)
+        return self.chunks[key]
+
+    def back_off(self, seg) -> int | None:
+        """The halved chunk, or None when it is already one +/- pair."""
+        key, two_k = (seg.config.resolution, seg.config.num_masks), 2 * seg.config.num_masks
+        current = self.chunk(seg)
+        if current <= 2:
+            return None
+        self.chunks[key] = balanced_chunk(two_k, current // 2)
+        return self.chunks[key]
 
 
 def _state(seg) -> RunState:
@@ -106,7 +139,7 @@ def chunk_size(seg) -> int:
 def difference_maps(seg, traj: Trajectory, masks: torch.Tensor, timings: dict) -> torch.Tensor:
     cfg = seg.config
     k = masks.shape[0]
-    chunk = chunk_size(seg)
+    chunk = seg.chunk_plan.chunk(seg)
     decode_batch = seg.decode_batch or min(chunk, DEFAULT_DECODE_BATCH)
     if not seg.options.share_attention:  # batching alone: the reference algorithm, wider batches
         return reference.difference_maps(seg, traj, masks, timings, chunk, decode_batch)

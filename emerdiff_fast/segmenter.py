@@ -33,6 +33,28 @@ IMAGE_BATCH = 8  # images encoded and clustered together (choice: bounds device 
 log = logging.getLogger("emerdiff_fast")
 
 
+CUDAGRAPH_MODES = ("reduce-overhead", "max-autotune")  # torch.compile modes that replay CUDA graphs
+
+
+def _graph_safe(compiled, mode: str, keep_output: bool = False):
+    """A compiled call that is safe under CUDA graphs. A graph replay writes its outputs
+    into the same static buffers every time, so each call marks a new step (inference has
+    no backward pass to tell the graph trees) and, with keep_output, hands back a copy:
+    decode outputs are kept in a list across calls, where the next replay would overwrite
+    them. The UNet's eps needs no copy: the reverse step consumes it before the next call."""
+    if mode not in CUDAGRAPH_MODES:
+        return compiled
+
+    def call(*args, **kwargs):
+        torch.compiler.cudagraph_mark_step_begin()
+        out = compiled(*args, **kwargs)
+        if keep_output:
+            out.sample = out.sample.clone()
+        return out
+
+    return call
+
+
 def recommended_config(pipe, **overrides) -> EmerDiffConfig:
     """EmerDiffConfig with the model's recommended settings (loading.recommended_settings)
     under `overrides`: what EmerDiff(pipe) uses when given no config."""
@@ -113,10 +135,12 @@ class EmerDiff:
         self.compile_mode = None
         if compile and backend == "fast":
             self.compile_mode = "default" if compile is True else compile
-            self.unet_call = torch.compile(self.unet, mode=self.compile_mode, dynamic=False)
+            self.unet_call = _graph_safe(torch.compile(self.unet, mode=self.compile_mode, dynamic=False),
+                                         self.compile_mode)
             if compile_decode is not False:  # with compile unless turned off; decode calls then
                 # have one static batch (reference.decode_pairs pads the last slice)
-                self.vae_decode = torch.compile(self.decode_vae.decode, mode=self.compile_mode, dynamic=False)
+                self.vae_decode = _graph_safe(torch.compile(self.decode_vae.decode, mode=self.compile_mode,
+                                                            dynamic=False), self.compile_mode, keep_output=True)
         elif compile_decode:
             raise ValueError("compile_decode needs compile (backend='fast')")
         # fast path: one RunState and processor set per segmenter (see engine._state), so a
@@ -125,6 +149,7 @@ class EmerDiff:
         self._fast_procs: dict | None = None
         self._prefix = PrefixState()  # one object per segmenter, like the processors (compile guards)
         self._compiled_batches: set[int] = set()
+        self.chunk_plan = engine.ChunkPlan()
         self._bar = None
 
     # ---- progress (host-side counters only: no device sync) ----------------------------
@@ -271,11 +296,7 @@ class EmerDiff:
             else:
                 masks = masks_from_labels(low_res, cfg.num_masks).to(self.device)
                 traj = sample_trajectory(self.schedule, latents[j:j + 1], step_noise, latent_dtype(self.dtype))
-                backend = reference if self.backend == "reference" else engine
-                try:
-                    diffs = backend.difference_maps(self, traj, masks, t)
-                finally:
-                    self.end_work()
+                diffs = self._difference_maps(traj, masks, t)
                 if not torch.isfinite(diffs).all():
                     self._fail(errors, "difference maps contain NaN/inf (the model overflowed in "
                                        f"{self.dtype}; try float32 or bfloat16)")
@@ -290,6 +311,28 @@ class EmerDiff:
                 mask_embeddings=mask_embeddings(feats[j], low_res, cfg.num_masks).cpu().numpy(),
                 config=cfg, backend=self.backend, timings=t)
         return results
+
+    def _difference_maps(self, traj, masks: torch.Tensor, timings: dict) -> torch.Tensor:
+        """The backend's maps; on a CUDA out-of-memory error the fast path halves its chunk
+        (kept for later images) and retries the image, down to one +/- pair per call."""
+        backend = reference if self.backend == "reference" else engine
+        while True:
+            try:
+                return backend.difference_maps(self, traj, masks, timings)
+            except torch.cuda.OutOfMemoryError:
+                if self.backend != "fast":
+                    raise
+                old = self.chunk_plan.chunk(self)
+                new = self.chunk_plan.back_off(self)
+                if new is None:
+                    raise torch.cuda.OutOfMemoryError(
+                        "CUDA out of memory even at 2 modulated runs per UNet call (one +/- pair); lower "
+                        "--resolution, use a 16-bit --dtype, or a larger GPU") from None
+                log.warning("CUDA out of memory at %d modulated runs per UNet call: retrying with %d "
+                            "(kept for the following images)", old, new)
+                torch.cuda.empty_cache()
+            finally:
+                self.end_work()
 
     @staticmethod
     def _fail(errors: str, message: str) -> None:

@@ -42,10 +42,10 @@ def specs() -> list[tuple[str, object, dict, dict]]:
                "out_ptr": f"*{dt}", "N": "i32", "C": "i32", **dict.fromkeys(modulate.BLOCKS, "constexpr")}
         out.append((f"modulate[{dt}]", modulate._modulate_kernel, sig, dict(modulate.BLOCKS)))
     sig = {"x_ptr": "*fp32", "c_ptr": "*fp32", "labels_ptr": "*i64", "dist_ptr": "*fp32", "N": "i32", "K": "i32",
-           "D": "i32", **dict.fromkeys(kmeans_step.ASSIGN_BLOCKS, "constexpr")}
+           "D": "i32", "R": "i32", **dict.fromkeys(kmeans_step.ASSIGN_BLOCKS, "constexpr")}
     out.append(("kmeans_assign[fp32]", kmeans_step._assign_kernel, sig, dict(kmeans_step.ASSIGN_BLOCKS)))
     sig = {"x_ptr": "*fp32", "labels_ptr": "*i64", "sums_ptr": "*fp32", "counts_ptr": "*fp32", "N": "i32",
-           "K": "i32", "D": "i32", **dict.fromkeys(kmeans_step.UPDATE_BLOCKS, "constexpr")}
+           "K": "i32", "D": "i32", "R": "i32", **dict.fromkeys(kmeans_step.UPDATE_BLOCKS, "constexpr")}
     out.append(("kmeans_update[fp32]", kmeans_step._update_kernel, sig, dict(kmeans_step.UPDATE_BLOCKS)))
     for dt in ("bf16", "fp16", "fp32"):
         for d in HEAD_DIMS:

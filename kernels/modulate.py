@@ -4,7 +4,7 @@ all members have in common (see emerdiff_fast/attention.py), so this one kernel 
 broadcasts it to the batch and adds each member's +/-lam * M_i."""
 import torch
 
-from ._dispatch import HAVE_TRITON, triton_enabled
+from ._dispatch import HAVE_TRITON, LAUNCHES, launch_guard, triton_enabled
 
 BLOCKS = {"BLOCK_N": 32, "BLOCK_C": 64}  # launch config (kernels/aot.py compiles the same)
 
@@ -15,7 +15,7 @@ if HAVE_TRITON:
     @triton.jit
     def _modulate_kernel(shared_ptr, masks_ptr, index_ptr, coef_ptr, out_ptr, N, C,
                          BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr):
-        b = tl.program_id(0)
+        b = tl.program_id(0).to(tl.int64)  # b * N * C passes 2^31 at large batches and sizes
         offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
         offs_c = tl.program_id(2) * BLOCK_C + tl.arange(0, BLOCK_C)
         mask_n = offs_n < N
@@ -43,7 +43,9 @@ def modulate(shared: torch.Tensor, masks: torch.Tensor, index: torch.Tensor, coe
     n, c = shared.shape
     out = torch.empty((index.shape[0], n, c), dtype=shared.dtype, device=shared.device)
     grid = (index.shape[0], triton.cdiv(n, BLOCKS["BLOCK_N"]), triton.cdiv(c, BLOCKS["BLOCK_C"]))
-    _modulate_kernel[grid](shared, masks, index, coef, out, n, c, **BLOCKS)
+    with launch_guard(shared):
+        _modulate_kernel[grid](shared, masks, index, coef, out, n, c, **BLOCKS)
+    LAUNCHES["modulate"] += 1
     return out
 
 

@@ -15,7 +15,7 @@ waterfall have measured it on a GPU.
 """
 import torch
 
-from ._dispatch import HAVE_TRITON, triton_enabled
+from ._dispatch import HAVE_TRITON, LAUNCHES, launch_guard, triton_enabled
 
 # Launch configs per input width (kernels/aot.py compiles the same): fp32 tiles at the
 # 16-bit sizes spill registers on sm_80 (2.9 KB per thread, found by the AOT compile), so
@@ -31,7 +31,7 @@ if HAVE_TRITON:
     def _shared_pv_kernel(p_ptr, v_ptr, out_ptr, N, M, C, BD, stride_ph, stride_pn,
                           D: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr,
                           BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_J: tl.constexpr):
-        h = tl.program_id(0)
+        h = tl.program_id(0).to(tl.int64)  # h * N * M passes 2^31 at 1024 px (128x128 tokens)
         offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
         offs_j = tl.program_id(2) * BLOCK_J + tl.arange(0, BLOCK_J)  # (member, channel) pairs
         member, chan = offs_j // D, offs_j % D
@@ -82,9 +82,11 @@ def shared_attention(probs: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     # "not supported"): under it, bf16 tiles are upcast to fp32 first. On the GPU the bf16
     # dot runs on tensor cores, which also form exact products and accumulate in fp32.
     upcast = not probs.is_cuda and probs.dtype == torch.bfloat16
-    _shared_pv_kernel[grid](probs, v, out, n, m, channels, batch * d, probs.stride(0), probs.stride(1),
-                            D=d, IEEE=probs.dtype == torch.float32 or upcast, UPCAST=upcast,
-                            **blocks)
+    with launch_guard(probs):
+        _shared_pv_kernel[grid](probs, v, out, n, m, channels, batch * d, probs.stride(0), probs.stride(1),
+                                D=d, IEEE=probs.dtype == torch.float32 or upcast, UPCAST=upcast,
+                                **blocks)
+    LAUNCHES["shared_attention"] += 1
     return out
 
 

@@ -5,11 +5,12 @@ from emerdiff_fast.kernels import kmeans_assign, kmeans_assign_torch, kmeans_upd
 
 
 @pytest.mark.parametrize("b, n, k, d", [(1, 16, 2, 8), (3, 37, 5, 50), (2, 256, 30, 130), (4, 33, 33, 17)])
-def test_assign_matches_torch(b, n, k, d):
+def test_assign_matches_torch(b, n, k, d, triton_ran):
     g = torch.Generator().manual_seed(b * n + k)
     x = torch.randn(b, n, d, generator=g)
     c = torch.randn(b, k, d, generator=g)
-    labels, dist = kmeans_assign(x, c)
+    with triton_ran("kmeans_assign"):
+        labels, dist = kmeans_assign(x, c)
     ref_labels, ref_dist = kmeans_assign_torch(x, c)
     # exact distances differ by summation order; labels may only differ on near-ties
     full = torch.cdist(x, c) ** 2
@@ -21,14 +22,39 @@ def test_assign_matches_torch(b, n, k, d):
 
 
 @pytest.mark.parametrize("b, n, k, d", [(1, 16, 2, 8), (3, 37, 5, 50), (2, 256, 30, 130), (2, 5, 7, 3)])
-def test_update_matches_torch(b, n, k, d):
+def test_update_matches_torch(b, n, k, d, triton_ran):
     g = torch.Generator().manual_seed(n + d)
     x = torch.randn(b, n, d, generator=g)
     labels = torch.randint(k, (b, n), generator=g)
-    sums, counts = kmeans_update(x, labels, k)
+    with triton_ran("kmeans_update"):
+        sums, counts = kmeans_update(x, labels, k)
     ref_sums, ref_counts = kmeans_update_torch(x, labels, k)
     torch.testing.assert_close(sums, ref_sums, rtol=1e-5, atol=1e-5)
     assert torch.equal(counts, ref_counts)  # includes empty clusters (k > n case)
+
+
+@pytest.mark.parametrize("b, r, n, k, d", [(1, 10, 40, 6, 33), (3, 4, 37, 5, 50), (2, 3, 17001, 3, 5)])
+def test_restarts_share_the_points(b, r, n, k, d, triton_ran):
+    """Problem p reads image p // r: the same answer as repeating each image r times (the
+    old layout), from the kernels and from the chunked PyTorch fallback (17001 rows span
+    two TORCH_CHUNKs)."""
+    g = torch.Generator().manual_seed(b * r + n)
+    x = torch.randn(b, n, d, generator=g)
+    c = torch.randn(b * r, k, d, generator=g)
+    rep = x.repeat_interleave(r, 0)
+    want = torch.cdist(rep, c).pow(2).min(-1)
+    labels_t, dist_t = kmeans_assign_torch(x, c)
+    with triton_ran("kmeans_assign"), triton_ran("kmeans_update"):
+        labels, dist = kmeans_assign(x, c)
+        sums, counts = kmeans_update(x, want.indices, k)
+    for lab, dd in ((labels_t, dist_t), (labels, dist)):
+        assert (lab == want.indices).float().mean() > 0.999
+        torch.testing.assert_close(dd, want.values, rtol=1e-4, atol=1e-3)
+    onehot = torch.nn.functional.one_hot(want.indices, k).float()
+    torch.testing.assert_close(sums, onehot.transpose(1, 2) @ rep, rtol=1e-5, atol=1e-4)
+    ref_sums, ref_counts = kmeans_update_torch(x, want.indices, k)
+    torch.testing.assert_close(ref_sums, sums, rtol=1e-5, atol=1e-4)
+    assert torch.equal(counts, onehot.sum(1)) and torch.equal(ref_counts, counts)
 
 
 def test_fake_impls():

@@ -22,9 +22,10 @@ def _inputs(heads, n, m, b, d, dtype, seed):
     (3, 45, 77, 2, 24),     # cross-attention shape (M = 77 text tokens), d not a power of two
     (1, 1, 1, 1, 8),        # degenerate
 ])
-def test_shared_attention_matches_torch(dtype, heads, n, m, b, d):
+def test_shared_attention_matches_torch(dtype, heads, n, m, b, d, triton_ran):
     probs, v = _inputs(heads, n, m, b, d, dtype, seed=heads * n + m + b)
-    out = shared_attention(probs, v)
+    with triton_ran("shared_attention"):
+        out = shared_attention(probs, v)
     assert out.shape == (b, n, heads * d) and out.dtype == dtype
     atol, rtol = TOL[dtype]
     torch.testing.assert_close(out, shared_attention_torch(probs, v), atol=atol, rtol=rtol)
