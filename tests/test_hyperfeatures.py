@@ -253,3 +253,21 @@ def test_cli_train_then_eval_on_spair_layout(tmp_path, capsys):
     assert main(["hyperfeatures", "eval", *common, "--weights", str(tmp_path / "run/best.safetensors")]) == 0
     out = capsys.readouterr().out
     assert "PCK@0.1 (image)" in out and "over 2 keypoints" in out
+
+
+def test_compiled_extraction_is_one_graph_and_equals_eager(tiny_pipe):
+    """Which timestep keeps its features is decided outside the compiled UNet, so all 11
+    saved and 39 unsaved steps share one graph (the old hook read its slot inside the
+    graph: 12 variants, past the recompile limit of 8). Counted with a counting backend."""
+    from torch._dynamo.testing import CompileCounter
+
+    torch._dynamo.reset()
+    counter = CompileCounter()
+    cfg = ExtractConfig(load_resolution=64, num_timesteps=10, save_timestep=(0, 3, 9))
+    x = torch.rand(1, 3, 64, 64, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    eager = FeatureExtractor(tiny_pipe, cfg).extract(x)
+    compiled = FeatureExtractor(tiny_pipe, cfg, compile=True, compile_backend=counter).extract(x)
+    assert counter.frame_count == 1
+    for a, b in zip(compiled.maps, eager.maps):
+        assert torch.allclose(a.float(), b.float(), atol=1e-2)
+    torch._dynamo.reset()

@@ -91,7 +91,7 @@ def ddim_step(x, eps, a_t, a_next):
 class FeatureExtractor:
     """Runs DDIM inversion (or generation) in batches and captures the decoder features."""
 
-    def __init__(self, pipe, config: ExtractConfig | None = None, compile: bool = False):
+    def __init__(self, pipe, config: ExtractConfig | None = None, compile: bool = False, compile_backend="inductor"):
         self.pipe, self.config = pipe, config or ExtractConfig()
         self.unet, self.vae = pipe.unet, pipe.vae
         self.device, self.dtype = self.unet.device, self.unet.dtype
@@ -103,7 +103,9 @@ class FeatureExtractor:
         self.alpha = torch.stack([torch.ones(()) if t < 0 else a[t] for t in self.walk]).to(self.device)
         with torch.inference_mode():
             self.context = pipe.encode_prompt("", self.device, 1, False)[0].to(self.dtype)
-        self.unet_call = torch.compile(self.unet, dynamic=False) if compile else self.unet
+        # the hooks inside the compiled UNet always capture, into a list cleared before each
+        # call: which timestep keeps them is decided outside, so every step is one graph
+        self.unet_call = torch.compile(self.unet, dynamic=False, backend=compile_backend) if compile else self.unet
 
     @property
     def dims(self) -> list[int]:
@@ -127,15 +129,12 @@ class FeatureExtractor:
         saved = {t: k for k, t in enumerate(cfg.save_timestep)}
         b = x.shape[0]
         maps: list = [[None] * len(saved) for _ in self.modules]
-        slot = {"k": None}
+        step_maps: list = []  # this UNet call's conv2 outputs, in module order
 
-        def hook(layer):
-            def fn(module, args, out):
-                if slot["k"] is not None:
-                    maps[layer][slot["k"]] = out.to(cfg.storage_dtype)
-            return fn
+        def hook(module, args, out):
+            step_maps.append(out)
 
-        handles = [m.register_forward_hook(hook(l)) for l, m in enumerate(self.modules)]
+        handles = [m.register_forward_hook(hook) for m in self.modules]
         ctx = (self.context if context is None else context).expand(b, -1, -1)
         x = x.float()
         try:
@@ -145,9 +144,13 @@ class FeatureExtractor:
                         cur, nxt, index = i, i + 1, n - 1 - i
                     else:  # generation: from walk[n - i] down to walk[n - i - 1]; index i
                         cur, nxt, index = n - i, n - i - 1, i
-                    slot["k"] = saved.get(index)
                     t = torch.full((b,), self.walk[cur], device=self.device)
+                    step_maps.clear()
                     eps = self.unet_call(x.to(self.dtype), t, encoder_hidden_states=ctx).sample.float()
+                    k = saved.get(index)
+                    if k is not None:
+                        for layer, out in enumerate(step_maps):
+                            maps[layer][k] = out.to(cfg.storage_dtype)
                     x = ddim_step(x, eps, self.alpha[cur], self.alpha[nxt])
         finally:
             for h in handles:
