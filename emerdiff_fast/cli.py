@@ -221,6 +221,7 @@ def cmd_segment(args) -> int:
     from . import distributed
     from .images import ImageError, load_image, set_max_pixels
     from .output import output_files, save_result
+    from .prefetch import BackgroundWriter, StageClock, prefetched
 
     set_max_pixels(args.max_pixels)
     resolve_model_args(args)
@@ -249,23 +250,33 @@ def cmd_segment(args) -> int:
         return 0
     seg = build_segmenter(args, progress=not args.quiet)
     failed, finished, start = 0, 0, time.perf_counter()
+    # reading ahead and writing behind on their own threads (prefetch.py): the segmenter
+    # never waits on PIL, PNG encoding or the disk
+    clock, writer = StageClock(), BackgroundWriter()
+    images = prefetched(todo, lambda item: clock.timed("read", load_image, item[0]))
     try:
-        for path, name in tqdm(todo, desc=f"{prefix}segment", unit="img", disable=args.quiet):
+        for (path, name), loading in tqdm(images, total=len(todo), desc=f"{prefix}segment", unit="img",
+                                          disable=args.quiet):
             try:
-                photo = load_image(path)
-                result = seg(photo)
+                photo = loading.result()
+                result = clock.timed("segment", seg, photo)
             except (ImageError, FloatingPointError, torch.cuda.OutOfMemoryError) as exc:
                 failed += 1
                 log.error("%s: %s", path, exc)
                 continue
-            save_result(result, photo, out_dir, name, difference_maps=args.save_difference_maps,
-                        formats=args.format)
+            writer.submit(clock.timed, "write", save_result, result, photo, out_dir, name,
+                          difference_maps=args.save_difference_maps, formats=args.format)
             finished += 1
+        writer.close()
     except KeyboardInterrupt:
+        writer.close()  # every submitted image is written completely before we stop
         print(f"{prefix}interrupted: {finished} of {len(todo)} images finished (complete) in {out_dir}; "
               "rerun with --skip-existing to resume", file=sys.stderr)
         return 130
-    seconds = (time.perf_counter() - start) / max(finished + failed, 1)
+    wall = time.perf_counter() - start
+    log.info("%sstages: read %.1f s, segment %.1f s, write %.1f s (sum %.1f s) in %.1f s wall", prefix,
+             *(clock.seconds.get(k, 0.0) for k in ("read", "segment", "write")), sum(clock.seconds.values()), wall)
+    seconds = wall / max(finished + failed, 1)
     log.info("%sdone: %d segmented, %d skipped (existing), %d failed; %.1f s per image; outputs in %s",
              prefix, finished, skipped if shard.is_main else 0, failed, seconds, out_dir)
     if failed:
