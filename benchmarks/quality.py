@@ -82,13 +82,15 @@ FIDELITY = {  # name -> (EmerDiffConfig changes, dtype, backend)
 }
 
 
-def fidelity(seeds, exact: list[np.ndarray], model: str) -> dict:
+def fidelity(seeds, exact: list[np.ndarray], model: str, skip=()) -> dict:
     from emerdiff_fast import EmerDiff, load_pipeline, recommended_config
 
     scenes = [make_scene(s) for s in seeds]
     images = [Image.fromarray(s.image) for s in scenes]
     rows = {}
     for name, (change, dtype, backend) in FIDELITY.items():
+        if name in skip:
+            continue
         pipe = load_pipeline(model, dtype=dtype)
         base = recommended_config(pipe)
         cfg = base.with_preset(change) if isinstance(change, str) else base.replace(**change)
@@ -130,6 +132,7 @@ def main(argv=None) -> int:
     p.add_argument("--model", default="mini")
     p.add_argument("--fidelity", type=int, default=0, metavar="N", help="also the approximations, on N of the scenes")
     p.add_argument("--grid", type=int, default=8, help="scenes in the picture grid")
+    p.add_argument("--skip", default="", help="comma list of fidelity rows to leave out")
     args = p.parse_args(argv)
     from diffusers.utils import logging as diffusers_logging
 
@@ -150,7 +153,8 @@ def main(argv=None) -> int:
     print(json.dumps(result["instance"], indent=1))
     picture_grid(seeds[:args.grid], labels, out / "grid.png")
     if args.fidelity:
-        result["fidelity"] = fidelity(seeds[:args.fidelity], labels["emerdiff"][:args.fidelity], args.model)
+        result["fidelity"] = fidelity(seeds[:args.fidelity], labels["emerdiff"][:args.fidelity], args.model,
+                                      skip=set(filter(None, args.skip.split(","))))
     (out / "quality.json").write_text(json.dumps(result, indent=1))
     print(f"wrote {out / 'quality.json'}")
     return 0

@@ -28,7 +28,8 @@ def test_presets_run_and_warn(tiny_pipe, rand_image, our_log, name):
     r = seg(rand_image(0, 50, 60))
     assert r.labels.shape == (50, 60) and np.isfinite(r.difference_maps).all()
     assert r.difference_maps.shape == (3, 64, 64)
-    assert any("fidelity against the exact method is unmeasured" in m.getMessage() for m in our_log.records)
+    assert any("Label agreement with the exact method, measured on the mini model only" in m.getMessage()
+               for m in our_log.records)  # the issue-17 measurement, replacing "unmeasured"
     if name == "grid25":
         assert len(seg.schedule.timesteps) == 8  # 281, 241, ..., 1 instead of 15 steps
     else:
