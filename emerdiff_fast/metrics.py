@@ -231,24 +231,20 @@ def cluster_masks(embeddings: list[np.ndarray], sizes: list[np.ndarray], num_clu
 
 
 # ---- per-image instance metrics (generated scenes: benchmarks/quality.py, mini model) ----
-def _iou_table(pred: np.ndarray, gt: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Overlap counts (P, G) of predicted segments with ground-truth instances, and the
-    pixel counts of each; ids are compacted first (absent ids take no row or column)."""
+def _overlaps(pred: np.ndarray, gt: np.ndarray):
+    """Overlap counts (P, G) of predicted segments with ground-truth instances (ids compacted:
+    absent ids take no row or column), each pixel's segment row, and the instance ids."""
     _, p = np.unique(np.asarray(pred).ravel(), return_inverse=True)
-    _, g = np.unique(np.asarray(gt).ravel(), return_inverse=True)
-    n_p, n_g = p.max() + 1, g.max() + 1
-    inter = np.bincount(p * n_g + g, minlength=n_p * n_g).reshape(n_p, n_g)
-    return inter, inter.sum(1), inter.sum(0)
+    g_ids, g = np.unique(np.asarray(gt).ravel(), return_inverse=True)
+    n_p, n_g = p.max() + 1, len(g_ids)
+    return np.bincount(p * n_g + g, minlength=n_p * n_g).reshape(n_p, n_g), p, g_ids
 
 
 def many_to_one(pred: np.ndarray, gt: np.ndarray) -> np.ndarray:
     """The prediction with each segment relabelled as the ground-truth instance it overlaps
     most."""
-    pred, gt = np.asarray(pred), np.asarray(gt)
-    p_ids, p = np.unique(pred.ravel(), return_inverse=True)
-    g_ids, g = np.unique(gt.ravel(), return_inverse=True)
-    inter = np.bincount(p * len(g_ids) + g, minlength=len(p_ids) * len(g_ids)).reshape(len(p_ids), len(g_ids))
-    return g_ids[inter.argmax(1)][p].reshape(gt.shape)
+    inter, p, g_ids = _overlaps(pred, gt)
+    return g_ids[inter.argmax(1)][p].reshape(np.asarray(gt).shape)
 
 
 def many_to_one_miou(pred: np.ndarray, gt: np.ndarray) -> float:
@@ -263,8 +259,8 @@ def many_to_one_miou(pred: np.ndarray, gt: np.ndarray) -> float:
 def hungarian_miou(pred: np.ndarray, gt: np.ndarray) -> float:
     """One-to-one matching of segments to instances maximising IoU; unmatched instances
     score 0."""
-    inter, p_count, g_count = _iou_table(pred, gt)
-    iou = inter / (p_count[:, None] + g_count[None, :] - inter)
+    inter = _overlaps(pred, gt)[0]
+    iou = inter / (inter.sum(1)[:, None] + inter.sum(0)[None, :] - inter)
     rows, cols = linear_sum_assignment(iou, maximize=True)
     return float(iou[rows, cols].sum() / iou.shape[1])
 
