@@ -10,7 +10,6 @@ import torch
 
 from emerdiff_fast import EmerDiff, EmerDiffConfig
 from emerdiff_fast.attention import installed
-from emerdiff_fast.engine import _state
 
 from .common import demo_modulation, environment, peak_memory_gb, reset_peak_memory
 from .conftest import DEVICE, FULL, bench_pipe, sync
@@ -41,9 +40,9 @@ def test_unet_step(benchmark, seg, attention):
     x = _latents(seg, batch)
     t = torch.tensor(seg.config.t_modulate, device=seg.device)
     ctx = seg.context.expand(batch, -1, -1)
-    state = _state(seg)
+    state = seg.fast.state
     state.modulation, state.step, state.modulate_now = demo_modulation(seg, batch), 0, True
-    procs = seg._fast_procs if attention == "shared-P" else seg.unet.attn_processors
+    procs = seg.fast.processors if attention == "shared-P" else seg.unet.attn_processors
     with installed(seg.unet, procs):
         step = lambda: (seg.unet(x, t, encoder_hidden_states=ctx), sync())  # noqa: E731
         step()

@@ -24,8 +24,8 @@ import numpy as np
 import torch
 
 from emerdiff_fast import EmerDiff, EmerDiffConfig, load_pipeline
-from emerdiff_fast.engine import FastOptions, chunk_size
-from benchmarks.common import environment, skeleton_path, test_image
+from emerdiff_fast.engine import FastOptions
+from benchmarks.common import environment, skeleton_path, square_chunk, test_image
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 TOLERANCE = {"float32": (1e-4, 0.999), "bfloat16": (5e-2, 0.98), "float16": (5e-2, 0.98)}
@@ -51,7 +51,7 @@ def compare(pipe, cfg, image, floor: bool = True, max_batch: int | None = None) 
            "reference_s": t1 - t0, "fast_s": t2 - t1,
            "reference_timings": ref.timings, "fast_timings": fast.timings}
     if floor:  # the reference algorithm at the fast path's batch size
-        chunk = chunk_size(fast_seg)
+        chunk = square_chunk(fast_seg)
         try:
             replay = EmerDiff(pipe, cfg, backend="fast", options=REPLAY, max_batch=chunk)(image)
         except torch.OutOfMemoryError:  # replay keeps P per member: fewer members fit

@@ -153,6 +153,11 @@ def count_flops(fn) -> tuple[int, object]:
     return mode.get_total_flops(), out
 
 
+def square_chunk(seg) -> int:
+    """The fast path's chunk for a resolution x resolution image (decided once, then kept)."""
+    return seg.chunk_plan.chunk((seg.config.resolution,) * 2, seg.config.num_masks)
+
+
 def demo_modulation(seg, batch: int) -> Modulation:
     """Modulation for a fast-path UNet batch of `batch` members (member 0 the reference):
     K masks tiling the feature grid, members cycling (mask i, +lam), (mask i, -lam)."""

@@ -26,6 +26,8 @@ import torch
 def check_chunk(device, smoke: bool) -> dict:
     from emerdiff_fast import EmerDiff, EmerDiffConfig, load_pipeline
 
+    from benchmarks.common import square_chunk
+
     src = "tiny" if smoke else os.path.join(os.environ.get("EMERDIFF_SKELETONS", ".skeletons"), "sd15")
     pipe = load_pipeline(src, device=device, dtype=torch.bfloat16, random_init=not smoke)
     cfg = EmerDiffConfig(num_masks=4 if smoke else 30, resolution=64 if smoke else 512, feature_samples=2)
@@ -33,8 +35,8 @@ def check_chunk(device, smoke: bool) -> dict:
     chunks = []
     for i in range(2):
         seg(torch.rand(3, cfg.resolution, cfg.resolution, generator=torch.Generator().manual_seed(i)))
-        chunks.append(seg.chunk_plan.chunk(seg))
-    fresh = EmerDiff(pipe, cfg).chunk_plan.chunk(seg)  # decided after image 2, allocator warm
+        chunks.append(square_chunk(seg))
+    fresh = square_chunk(EmerDiff(pipe, cfg))  # decided after image 2, allocator warm
     return {"ok": chunks[0] == chunks[1] == fresh, "chunks": chunks, "fresh_segmenter": fresh}
 
 

@@ -1,6 +1,6 @@
 """Predicted peak device memory of the fast path (emerdiff_fast.memory, traced on meta
 tensors: no GPU needed) for SD 1.5 and SD 2.1-base at 512 px in bf16, and the chunk that
-engine.auto_max_batch would pick on 24, 40 and 80 GB cards.
+engine.ChunkPlan.auto_max_batch would pick on 24, 40 and 80 GB cards.
 
     python -m benchmarks.memory_table [--resolution 512] [--masks 10 30 40]
 

@@ -31,11 +31,11 @@ import torch
 
 from emerdiff_fast import EmerDiff, EmerDiffConfig
 from emerdiff_fast.attention import installed
-from emerdiff_fast.engine import FastOptions, _state, chunk_size
+from emerdiff_fast.engine import FastOptions
 from emerdiff_fast.sampling import ReverseSchedule
 
 from .common import (bench_pipeline, count_flops, demo_modulation, environment, floor_flops, peak_matmul_tflops,
-                     peak_memory_gb, reset_peak_memory, skeleton_path, test_image, time_calls)
+                     peak_memory_gb, reset_peak_memory, skeleton_path, square_chunk, test_image, time_calls)
 
 HERE = Path(__file__).parent
 NO_TECHNIQUE = FastOptions(share_attention=False, reuse_cross_attention=False, triton_modulation=False,
@@ -118,7 +118,7 @@ class Bench:
                 return self.run(step, rounds)
             except torch.OutOfMemoryError:
                 torch.cuda.empty_cache()
-                chunk = chunk_size(self.segmenter(step))
+                chunk = square_chunk(self.segmenter(step))
                 if step.backend != "fast" or chunk <= 2:
                     raise
                 step = replace(step, max_batch=max(2, chunk // 2))
@@ -138,7 +138,7 @@ class Bench:
         median = statistics.median(times)
         if self.reference_labels is None:
             self.reference_labels = result.labels
-        chunk = chunk_size(seg) if step.backend == "fast" else None
+        chunk = square_chunk(seg) if step.backend == "fast" else None
         return Row(name=step.name, median_s_per_image=median, images_per_hour=3600 / median,
                    peak_mem_gb=peak_memory_gb(self.device),
                    mfu=self.floor["floor_tflop"] / (median * self.peak_tflops),
@@ -175,12 +175,12 @@ class Bench:
         seg = self.segmenter(replace(step, compile=False, compile_decode=False, max_batch=chunk))
         cfg, dev = self.config, self.device
         lat = cfg.resolution // 8
-        state = _state(seg)
+        state = seg.fast.state
         x = torch.randn(chunk + 1, seg.unet.config.in_channels, lat, lat, device=dev, dtype=seg.dtype)
         ctx = seg.context.expand(chunk + 1, -1, -1)
         t = torch.tensor(cfg.t_modulate, device=dev)
         activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if dev.type == "cuda" else [])
-        with installed(seg.unet, seg._fast_procs):
+        with installed(seg.unet, seg.fast.processors):
             state.modulation, state.step, state.modulate_now = demo_modulation(seg, chunk + 1), 0, True
             for _ in range(2):  # warm-up
                 seg.unet(x, t, encoder_hidden_states=ctx)

@@ -37,7 +37,10 @@ class EmerDiffConfig:
     kmeans_restarts: int = 10           # (choice) keep the restart with the lowest inertia
     kmeans_iterations: int = 100        # (choice) Lloyd iterations at most
     seed: int = 0
-    resolution: int = 512               # images are resized to resolution x resolution
+    resolution: int = 512               # images are resized to resolution x resolution, or with
+    keep_aspect: bool = False           # to about resolution^2 pixels, aspect ratio kept, each side
+                                        # rounded up to the model's multiple (64 for SD; the notebook's
+                                        # load_img(resize_to_512=False); its example squashes, as default)
     decode_dtype: str | None = None     # approximate: VAE decode in this dtype (None: the model's)
     decode_scale: float = 1.0           # approximate: 0.5 decodes 2x-downsampled latents (maps upsampled)
 
@@ -84,12 +87,14 @@ class EmerDiffConfig:
         """Whether this config leaves the exact method (a speed preset's changes)."""
         return (self.num_inference_steps != 50 or self.decode_dtype is not None or self.decode_scale != 1.0)
 
-    def check_grid(self, grid: tuple[int, int]) -> None:
-        """K must not exceed the feature layer's positions (the model decides the grid)."""
+    def check_grid(self, grid: tuple[int, int], size: tuple[int, int] | None = None) -> None:
+        """K must not exceed the feature layer's positions (the model decides the grid);
+        size: the (H, W) processing size when it is not resolution x resolution."""
         if self.num_masks > grid[0] * grid[1]:
+            where = f"{size[1]}x{size[0]} (W x H)" if size else f"resolution {self.resolution}"
             raise ConfigError(
                 f"num_masks={self.num_masks} exceeds the {grid[0] * grid[1]} low-resolution positions "
-                f"at resolution {self.resolution} (feature grid {grid[0]}x{grid[1]})")
+                f"at {where} (feature grid {grid[0]}x{grid[1]})")
 
     def replace(self, **changes) -> "EmerDiffConfig":
         return dataclasses.replace(self, **changes)
@@ -119,6 +124,12 @@ def layer_scale(unet_config, layer: str) -> int:
         return 2 ** (levels - 1)
     index = int(rest.split(".")[0])
     return 2 ** index if block == "down_blocks" else 2 ** (levels - 1 - index)
+
+
+def size_multiple(unet_config, vae_config) -> int:
+    """Image sides must be multiples of this: the VAE's factor times the UNet's
+    downsamplings (64 for SD: 8 x 2^3; 16 for the mini model)."""
+    return vae_scale_factor(vae_config) * 2 ** (len(unet_config["block_out_channels"]) - 1)
 
 
 def layer_grid(unet_config, vae_config, size: tuple[int, int], layer: str) -> tuple[int, int]:

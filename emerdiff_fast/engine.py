@@ -16,22 +16,31 @@
 * Chunks are balanced (memory.balanced_chunk) and padded to one size, so every UNet call
   has the same shape and a compiled UNet is traced once per case (step 0, later steps);
   the loop reads no tensor values on the host. On CUDA the chunk is the largest whose
-  peak, predicted on meta tensors (memory.py), fits the free memory.
+  peak, predicted on meta tensors (memory.py), fits the free memory (ChunkPlan).
+
+`FastPath` holds the state that must outlive one image (a compiled UNet guards on the
+identity of the processors and of the prefix state); the segmenter keeps one and hands it
+a `run.Run` per image.
 """
 from __future__ import annotations
 
 import contextlib
+import logging
+import time
 from dataclasses import dataclass
 
 import torch
 
-from . import reference
+from . import replay
 from .attention import Modulation, RunState, SharedProcessor, installed, make_processors
+from .batching import chunk_plan, decode_pairs, work_units
 from .memory import MemoryModel, balanced_chunk
-from .prefix import prefix_hooks
-from .reference import chunk_plan, decode_pairs, work_units
+from .prefix import PrefixState, prefix_hooks
+from .run import Run
 from .sampling import Trajectory, denoise
 from .timing import timed
+
+log = logging.getLogger("emerdiff_fast")
 
 
 @dataclass(frozen=True)
@@ -67,11 +76,6 @@ DEFAULT_DECODE_BATCH = 8
 MEMORY_SAFETY = 0.85
 
 
-def memory_model(seg) -> MemoryModel:
-    return MemoryModel.of(seg.unet.config, seg.vae.config, seg.config.resolution, seg.dtype,
-                          seg.config.modulated_layer)
-
-
 def allocatable_bytes(device) -> int:
     """What the caching allocator can hand out: the driver's free memory plus the blocks it
     already holds but does not use. mem_get_info alone would count those held blocks as
@@ -80,86 +84,120 @@ def allocatable_bytes(device) -> int:
     return free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
 
 
-def auto_max_batch(seg, num_members: int) -> int:
-    """All members at once on the CPU; on CUDA, the largest chunk whose predicted peak
-    (memory.MemoryModel, traced on meta tensors) fits MEMORY_SAFETY of allocatable memory."""
-    if seg.device.type != "cuda":
-        return num_members
-    decode_batch = seg.decode_batch or DEFAULT_DECODE_BATCH
-    budget = MEMORY_SAFETY * allocatable_bytes(seg.device)
-    return max(2, memory_model(seg).largest_chunk(budget, num_members, decode_batch))
-
-
+@dataclass
 class ChunkPlan:
-    """The fast path's chunk, decided once per (resolution, K) and kept for the segmenter's
-    life: a chunk that changed from image to image would retrace a compiled UNet and make
-    results depend on image order. After a CUDA out-of-memory error `back_off` halves it
-    (balanced), for that image's retry and every later image."""
+    """The fast path's chunk (modulated runs per UNet call), decided once per (processing
+    size, K) and kept for the segmenter's life: a chunk that changed from image to image
+    would retrace a compiled UNet and make results depend on image order. After a CUDA
+    out-of-memory error `back_off` halves it (balanced), for that image's retry and every
+    later image."""
 
-    def __init__(self):
-        self.chunks: dict[tuple[int, int], int] = {}
+    unet_config: dict
+    vae_config: dict
+    dtype: torch.dtype
+    device: torch.device
+    modulated_layer: str
+    max_batch: int | None = None     # the user's budget; None: all 2K on CPU, by memory on CUDA
+    decode_batch: int | None = None  # the user's; None: min(chunk, DEFAULT_DECODE_BATCH)
 
-    def chunk(self, seg) -> int:
-        key = (seg.config.resolution, seg.config.num_masks)
+    def __post_init__(self):
+        self.chunks: dict[tuple[tuple[int, int], int], int] = {}
+
+    def memory_model(self, size: tuple[int, int]) -> MemoryModel:
+        """The memory model at a processing size (H, W)."""
+        return MemoryModel.of(self.unet_config, self.vae_config, size, self.dtype, self.modulated_layer)
+
+    def auto_max_batch(self, num_members: int, size: tuple[int, int]) -> int:
+        """All members at once on the CPU; on CUDA, the largest chunk whose predicted peak
+        (memory.MemoryModel, traced on meta tensors) fits MEMORY_SAFETY of allocatable memory."""
+        if self.device.type != "cuda":
+            return num_members
+        budget = MEMORY_SAFETY * allocatable_bytes(self.device)
+        decode_batch = self.decode_batch or DEFAULT_DECODE_BATCH
+        return max(2, self.memory_model(size).largest_chunk(budget, num_members, decode_batch))
+
+    def chunk_size(self, size: tuple[int, int], num_masks: int) -> int:
+        """The budget (max_batch, else auto_max_batch) balanced over the fewest calls
+        (memory.balanced_chunk), even, in [2, 2K]; computed afresh (chunk() keeps it)."""
+        two_k = 2 * num_masks
+        return balanced_chunk(two_k, min(self.max_batch or self.auto_max_batch(two_k, size), two_k))
+
+    def chunk(self, size: tuple[int, int], num_masks: int) -> int:
+        key = (tuple(size), num_masks)
         if key not in self.chunks:
-            self.chunks[key] = chunk_size(seg)
+            self.chunks[key] = self.chunk_size(key[0], num_masks)
         return self.chunks[key]
 
-    def back_off(self, seg) -> int | None:
+    def decode_size(self, chunk: int) -> int:
+        return self.decode_batch or min(chunk, DEFAULT_DECODE_BATCH)
+
+    def back_off(self, size: tuple[int, int], num_masks: int) -> int | None:
         """The halved chunk, or None when it is already one +/- pair."""
-        key, two_k = (seg.config.resolution, seg.config.num_masks), 2 * seg.config.num_masks
-        current = self.chunk(seg)
+        current = self.chunk(size, num_masks)
         if current <= 2:
             return None
-        self.chunks[key] = balanced_chunk(two_k, current // 2)
-        return self.chunks[key]
+        self.chunks[(tuple(size), num_masks)] = balanced_chunk(2 * num_masks, current // 2)
+        return self.chunks[(tuple(size), num_masks)]
 
 
-def _state(seg) -> RunState:
-    """One RunState and processor set per segmenter: a compiled UNet guards on processor
-    identity, so reinstalling the same objects reuses its graphs across images."""
-    if seg._fast_state is None:
-        opts = seg.options
-        state = RunState(mode="shared", modulated_layer=seg.config.modulated_layer)
-        seg._fast_state = state
-        seg._fast_procs = make_processors(seg.unet, SharedProcessor, state,
-                                          reuse_cross=opts.reuse_cross_attention,
-                                          fused_modulation=opts.triton_modulation,
-                                          fused_attention=opts.triton_attention)
-    return seg._fast_state
+class FastPath:
+    """The fast backend's state, one per segmenter: one RunState and processor set (a
+    compiled UNet guards on processor identity, so reinstalling the same objects reuses its
+    graphs across images), the step-0 prefix state, and the batch sizes already compiled.
 
+    Under torch.compile the UNet traces two graphs, told apart by guards on two plain Python
+    values the loop sets: step 0 (PrefixState.width = B, RunState.modulate_now = True) and
+    the later steps (width 0, modulate_now False); modulate_steps > 1 adds a third (width 0,
+    modulate_now True). Guards, not two named compiled functions: the step-0 difference
+    lives in forward hooks and processors that a second compiled UNet would share anyway."""
 
-def chunk_size(seg) -> int:
-    """Modulated runs per denoising batch: the budget (max_batch, else auto_max_batch)
-    balanced over the fewest calls (memory.balanced_chunk), even, in [2, 2K]."""
-    two_k = 2 * seg.config.num_masks
-    return balanced_chunk(two_k, min(seg.max_batch or auto_max_batch(seg, two_k), two_k))
+    def __init__(self, unet, modulated_layer: str, options: FastOptions, compile_mode: str | None = None):
+        self.options, self.compile_mode = options, compile_mode
+        self.state = RunState(mode="shared", modulated_layer=modulated_layer)
+        self.processors = make_processors(unet, SharedProcessor, self.state,
+                                          reuse_cross=options.reuse_cross_attention,
+                                          fused_modulation=options.triton_modulation,
+                                          fused_attention=options.triton_attention)
+        self.prefix = PrefixState()
+        self.compiled_batches: set[int] = set()
 
+    def compiling(self, batch: int):
+        """Context for a UNet call batch: says so, and how long it took, when torch.compile
+        traces a new shape (the first call only)."""
+        if not self.compile_mode or batch in self.compiled_batches:
+            return contextlib.nullcontext()
+        self.compiled_batches.add(batch)
+        log.info("compiling the UNet for batch %d (first call only; typically 1-3 min, longer with "
+                 "max-autotune)", batch)
 
-def difference_maps(seg, traj: Trajectory, masks: torch.Tensor, timings: dict) -> torch.Tensor:
-    cfg = seg.config
-    k = masks.shape[0]
-    chunk = seg.chunk_plan.chunk(seg)
-    decode_batch = seg.decode_batch or min(chunk, DEFAULT_DECODE_BATCH)
-    if not seg.options.share_attention:  # batching alone: the reference algorithm, wider batches
-        return reference.difference_maps(seg, traj, masks, timings, chunk, decode_batch)
-    state = _state(seg)
-    plan = chunk_plan(k, chunk)
-    seg.begin_work(work_units(plan, len(traj), decode_batch), "denoise+decode")
-    out = []
-    prefix_on = seg.options.prefix_sharing
-    hooks = prefix_hooks(seg.unet, cfg.modulated_layer, seg._prefix) if prefix_on else contextlib.nullcontext(False)
-    with installed(seg.unet, seg._fast_procs), hooks as sharing:
-        for index, sign in plan:
-            # member 0: the reference run (coefficient 0), then the chunk's modulated members
-            state.modulation = Modulation(
-                masks, torch.tensor([0] + index, device=seg.device),
-                torch.tensor([0.0] + sign, device=seg.device) * cfg.lam)
-            with timed(timings, "denoise", seg.device), seg.compiling(chunk + 1):
-                x = denoise(seg.unet_call, traj, traj.latents[0].expand(chunk + 1, -1, -1, -1),
-                            traj.anchored_step, state, seg.context, seg.dtype, cfg.modulate_steps, on_step=seg.tick,
-                            prefix=seg._prefix if sharing else None)
-            with timed(timings, "decode", seg.device):
-                out.append(decode_pairs(seg, x[1:], sign, decode_batch))
-    state.modulation = None
-    return torch.cat(out)
+        @contextlib.contextmanager
+        def report():
+            start = time.perf_counter()
+            yield
+            log.info("first compiled chunk done in %.0f s (compile included)", time.perf_counter() - start)
+
+        return report()
+
+    def difference_maps(self, run: Run, traj: Trajectory, masks: torch.Tensor, timings: dict) -> torch.Tensor:
+        if not self.options.share_attention:  # batching alone: the reference algorithm, wider batches
+            return replay.difference_maps(run, traj, masks, timings)
+        state, chunk = self.state, run.chunk
+        plan = chunk_plan(masks.shape[0], chunk)
+        run.progress.begin(work_units(plan, len(traj), run.decode_batch), "denoise+decode")
+        out = []
+        hooks = (prefix_hooks(run.unet, run.modulated_layer, self.prefix) if self.options.prefix_sharing
+                 else contextlib.nullcontext(False))
+        with installed(run.unet, self.processors), hooks as sharing:
+            for index, sign in plan:
+                # member 0: the reference run (coefficient 0), then the chunk's modulated members
+                state.modulation = Modulation(
+                    masks, torch.tensor([0] + index, device=run.device),
+                    torch.tensor([0.0] + sign, device=run.device) * run.lam)
+                with timed(timings, "denoise", run.device), self.compiling(chunk + 1):
+                    x = denoise(run.unet_call, traj, traj.latents[0].expand(chunk + 1, -1, -1, -1),
+                                traj.anchored_step, state, run.context, run.dtype, run.modulate_steps,
+                                on_step=run.progress.tick, prefix=self.prefix if sharing else None)
+                with timed(timings, "decode", run.device):
+                    out.append(decode_pairs(run, x[1:], sign))
+        state.modulation = None
+        return torch.cat(out)

@@ -44,7 +44,7 @@ DATASET_KMEANS = {"restarts": EmerDiffConfig.kmeans_restarts, "max_iter": EmerDi
 
 
 def add_parser(sub, formatter_class=None) -> None:
-    from .cli import add_model_args, positive_int
+    from .commands.common import add_model_args, positive_int
 
     p = sub.add_parser("eval", help="evaluate on a benchmark (mIoU, both protocols)", formatter_class=formatter_class)
     p.add_argument("--dataset", required=True, choices=list(NUM_CLASSES))
@@ -68,7 +68,7 @@ def add_parser(sub, formatter_class=None) -> None:
 
 def _settings(args) -> dict:
     keys = ("dataset", "subset", "model", "random_init", "dtype", "backend", "masks", "lam", "seed", "resolution",
-            "feature_samples", "preset", "limit")
+            "keep_aspect", "feature_samples", "preset", "limit")
     return {**{k: getattr(args, k) for k in keys}, "cache_version": CACHE_VERSION}
 
 
@@ -102,7 +102,7 @@ def _predict(seg, sample) -> dict:
     h, w = sample.label.shape
     k = seg.config.num_masks
     low = torch.from_numpy(r.low_res_labels).long()
-    naive = naive_upsample(low, k, (seg.config.resolution,) * 2)
+    naive = naive_upsample(low, k, seg.processing_size(sample.image.size))
     return {"emerdiff": r.labels, "naive": resize_labels(naive, (h, w)).numpy().astype(np.int32),
             "embeddings": r.mask_embeddings, "sizes": np.bincount(low.flatten().numpy(), minlength=k),
             "gt": sample.label.astype(np.uint16)}
@@ -258,7 +258,7 @@ def format_table(results: dict) -> str:
 
 def cmd_eval(args) -> int:
     from . import distributed
-    from .cli import UsageError, build_segmenter, check_device, check_out_dir, resolve_model_args
+    from .commands.common import UsageError, build_segmenter, check_device, check_out_dir, resolve_model_args
     from .datasets import DatasetError
     from .images import set_max_pixels
 

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import logging
+import math
 import os
 import warnings
 from pathlib import Path
@@ -99,12 +100,29 @@ def load_image(image, orient: bool = True) -> Image.Image:
     raise ImageError(f"unsupported image type {type(image).__name__}")
 
 
-def to_model_input(image: Image.Image, resolution: int, resample=Image.LANCZOS) -> torch.Tensor:
-    """RGB PIL -> (3, R, R) float in [-1, 1]; Lanczos resize (the EmerDiff notebook's; the
-    Hyperfeatures authors use bilinear), aspect ratio not kept."""
+def processing_size(image_size: tuple[int, int], resolution: int, multiple: int,
+                    keep_aspect: bool) -> tuple[int, int]:
+    """(H, W) the model sees for an image of PIL size (W, H): resolution x resolution, or
+    with keep_aspect the authors' notebook's load_img(resize_to_512=False): scaled to about
+    resolution^2 pixels with the aspect ratio kept, each side rounded up to `multiple` (at
+    least one multiple: an extreme strip still has a row of latents)."""
+    if not keep_aspect:
+        return resolution, resolution
+    w, h = image_size
+    if min(w, h) < 1:
+        raise ImageError(f"image has an empty size {image_size}")
+    fac = math.sqrt(resolution * resolution / w / h)
+    w, h = (max(multiple, -(-int(s * fac) // multiple) * multiple) for s in (w, h))
+    return h, w
+
+
+def to_model_input(image: Image.Image, size: int | tuple[int, int], resample=Image.LANCZOS) -> torch.Tensor:
+    """RGB PIL -> (3, H, W) float in [-1, 1]; size: R (R x R) or (H, W). Lanczos resize
+    (the EmerDiff notebook's; the Hyperfeatures authors use bilinear)."""
     if min(image.size) < 1:
         raise ImageError(f"image has an empty size {image.size}")
-    im = image.resize((resolution, resolution), resample)
+    h, w = (size, size) if isinstance(size, int) else size
+    im = image.resize((w, h), resample)
     arr = torch.from_numpy(np.asarray(im, dtype=np.float32) / 127.5 - 1.0)
     return arr.permute(2, 0, 1).contiguous()
 

@@ -5,10 +5,10 @@ tensors (no device, no weights), so batch sizes can be chosen, and checked, anyw
 storage counts from the op that creates it until the last tensor viewing it is collected,
 which is what the CUDA caching allocator's `max_memory_allocated` counts (less its 512 B
 rounding and library workspaces such as cuDNN's, which the safety margin of
-`engine.auto_max_batch` covers). `MemoryModel` traces fast-path UNet calls (the shared
+`engine.ChunkPlan.auto_max_batch` covers). `MemoryModel` traces fast-path UNet calls (the shared
 attention processors, modulation on: step 0) and VAE decodes at exactly the sizes asked,
 on meta copies of the models built from their configs; each trace takes well under a
-second at full size on a CPU and is cached per (configs, resolution, dtype, size).
+second at full size on a CPU and is cached per (configs, image size, dtype, batch).
 tests/test_memory.py checks a prediction against the peak RSS of a real CPU run.
 """
 from __future__ import annotations
@@ -89,19 +89,19 @@ def _models(unet_json: str, vae_json: str, dtype: torch.dtype):
 
 
 @functools.lru_cache(maxsize=256)
-def _unet_call_bytes(unet_json: str, vae_json: str, dtype: torch.dtype, resolution: int, modulated_layer: str,
-                     members: int) -> int:
+def _unet_call_bytes(unet_json: str, vae_json: str, dtype: torch.dtype, size: tuple[int, int],
+                     modulated_layer: str, members: int) -> int:
     from .attention import Modulation, RunState, SharedProcessor, installed, make_processors
 
     unet, vae = _models(unet_json, vae_json, dtype)
-    side = resolution // vae_scale_factor(vae.config)
-    h, w = layer_grid(unet.config, vae.config, (resolution, resolution), modulated_layer)
+    f = vae_scale_factor(vae.config)
+    h, w = layer_grid(unet.config, vae.config, size, modulated_layer)
     n = h * w  # positions of the modulated layer (the 16x16 block at 512 px for SD)
     state = RunState(mode="shared", modulated_layer=modulated_layer, modulate_now=True)
     state.modulation = Modulation(torch.zeros(members, n, device="meta"),
                                   torch.zeros(members, dtype=torch.long, device="meta"),
                                   torch.zeros(members, device="meta"))
-    x = torch.empty(members, unet.config.in_channels, side, side, device="meta", dtype=dtype)
+    x = torch.empty(members, unet.config.in_channels, size[0] // f, size[1] // f, device="meta", dtype=dtype)
     ctx = torch.empty(1, 77, unet.config.cross_attention_dim, device="meta", dtype=dtype).expand(members, -1, -1)
     t = torch.tensor(281, device="meta")
     existing = [*unet.parameters(), *unet.buffers(), x, ctx]
@@ -110,10 +110,10 @@ def _unet_call_bytes(unet_json: str, vae_json: str, dtype: torch.dtype, resoluti
 
 
 @functools.lru_cache(maxsize=64)
-def _decode_bytes(unet_json: str, vae_json: str, dtype: torch.dtype, resolution: int, images: int) -> int:
+def _decode_bytes(unet_json: str, vae_json: str, dtype: torch.dtype, size: tuple[int, int], images: int) -> int:
     _, vae = _models(unet_json, vae_json, dtype)
-    side = resolution // vae_scale_factor(vae.config)
-    z = torch.empty(images, vae.config.latent_channels, side, side, device="meta", dtype=dtype)
+    f = vae_scale_factor(vae.config)
+    z = torch.empty(images, vae.config.latent_channels, size[0] // f, size[1] // f, device="meta", dtype=dtype)
     return peak_bytes(lambda: vae.decode(z).sample, [*vae.parameters(), *vae.buffers(), z])
 
 
@@ -123,7 +123,7 @@ def _config_key(cfg) -> str:
 
 @dataclass(frozen=True)
 class MemoryModel:
-    """Predicted activation memory of the fast path for one model, resolution and dtype,
+    """Predicted activation memory of the fast path for one model, image size and dtype,
     bytes; every figure is a trace at exactly that size (cached), never an extrapolation:
     the peak moves between layers as the batch grows (with few members the shared P of
     the 64x64 self-attention dominates, with many the members' feed-forward activations),
@@ -131,21 +131,24 @@ class MemoryModel:
 
     unet_config: str
     vae_config: str
-    resolution: int
+    size: tuple[int, int]  # (H, W) processing size in pixels
     dtype: torch.dtype
     modulated_layer: str
 
     @classmethod
-    def of(cls, unet_config, vae_config, resolution: int, dtype: torch.dtype, modulated_layer: str) -> MemoryModel:
-        return cls(_config_key(unet_config), _config_key(vae_config), resolution, dtype, modulated_layer)
+    def of(cls, unet_config, vae_config, size: int | tuple[int, int], dtype: torch.dtype,
+           modulated_layer: str) -> MemoryModel:
+        """size: R (R x R pixels) or (H, W)."""
+        size = (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))
+        return cls(_config_key(unet_config), _config_key(vae_config), size, dtype, modulated_layer)
 
     def unet_call(self, members: int) -> int:
         """Peak bytes of one UNet call of `members` members (modulation on: step 0)."""
-        return _unet_call_bytes(self.unet_config, self.vae_config, self.dtype, self.resolution,
+        return _unet_call_bytes(self.unet_config, self.vae_config, self.dtype, self.size,
                                 self.modulated_layer, members)
 
     def decode(self, images: int) -> int:
-        return _decode_bytes(self.unet_config, self.vae_config, self.dtype, self.resolution, images)
+        return _decode_bytes(self.unet_config, self.vae_config, self.dtype, self.size, images)
 
     def weights(self) -> int:
         unet, vae = _models(self.unet_config, self.vae_config, self.dtype)

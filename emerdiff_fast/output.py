@@ -54,13 +54,25 @@ def boundaries(labels: np.ndarray) -> np.ndarray:
     return edge
 
 
-def overlay(photo: Image.Image, labels: np.ndarray, alpha: float = 0.5) -> Image.Image:
-    """Segment colours blended over the photo, segment boundaries drawn in white."""
+def overlay(photo: Image.Image, labels: np.ndarray, alpha: float = 0.5,
+            names: dict[int, str] | None = None) -> Image.Image:
+    """Segment colours blended over the photo, segment boundaries drawn in white; with
+    `names` (segment id -> name) each segment's name written at its pixels' median point."""
     colours = palette()[labels]
     base = np.asarray(photo.convert("RGB").resize((labels.shape[1], labels.shape[0])), dtype=np.float32)
     out = (base * (1 - alpha) + colours * alpha).round().astype(np.uint8)
     out[boundaries(labels)] = 255
-    return Image.fromarray(out, "RGB")
+    im = Image.fromarray(out, "RGB")
+    if names:
+        from PIL import ImageDraw
+
+        draw = ImageDraw.Draw(im)
+        for i, name in names.items():
+            ys, xs = np.nonzero(labels == i)
+            if len(xs):
+                draw.text((int(np.median(xs)), int(np.median(ys))), name, fill=(255, 255, 255), anchor="mm",
+                          stroke_width=1, stroke_fill=(0, 0, 0))
+    return im
 
 
 def rle_encode(mask: np.ndarray) -> dict:
@@ -90,16 +102,21 @@ def rle_encode(mask: np.ndarray) -> dict:
     return {"size": [int(mask.shape[0]), int(mask.shape[1])], "counts": "".join(chars)}
 
 
+def colour_hex(i: int) -> str:
+    """Palette entry i as #rrggbb (the label PNGs' colour of id i)."""
+    r, g, b = palette()[i].tolist()
+    return f"#{r:02x}{g:02x}{b:02x}"
+
+
 def segments(labels: np.ndarray) -> list[dict]:
     """One record per segment present: id, area, bbox [x, y, w, h] (COCO), colour."""
     out = []
     for i in np.unique(labels).tolist():
         m = labels == i
         ys, xs = np.nonzero(m.any(1))[0], np.nonzero(m.any(0))[0]
-        r, g, b = palette()[i].tolist()
         out.append({"id": int(i), "area": int(m.sum()),
                     "bbox": [int(xs[0]), int(ys[0]), int(xs[-1] - xs[0] + 1), int(ys[-1] - ys[0] + 1)],
-                    "color": f"#{r:02x}{g:02x}{b:02x}"})
+                    "color": colour_hex(i)})
     return out
 
 
@@ -110,6 +127,7 @@ DEFAULT_FORMATS = ("labels", "overlay", "npz", "legend")
 # the file each single-file format writes, NAME + suffix ("masks" writes a folder of PNGs)
 SUFFIXES = {"labels": ".labels.png", "overlay": ".overlay.png", "npz": ".npz", "legend": ".legend.json",
             "rle": ".rle.json"}
+CLASSES_SUFFIX = ".classes.png"  # named segments, with the labels format: per-pixel index into class_names
 
 
 def npz_bytes(arrays: dict) -> bytes:
@@ -140,13 +158,23 @@ def save_result(result: SegmentationResult, photo: Image.Image, out_dir: Path, n
         raise ValueError(f"unknown output formats {sorted(unknown)}; choose from {list(FORMATS)}")
     labels = result.labels
     records = segments(labels)
+    named = result.segment_labels is not None
+    if named:
+        for r in records:
+            r["label"] = result.class_names[int(result.segment_labels[r["id"]])]
     files: dict[str, bytes] = {}
     if "labels" in formats:
         files[name + SUFFIXES["labels"]] = _png(label_png(labels))
+        if named:
+            files[name + CLASSES_SUFFIX] = _png(label_png(result.class_map))
     if "overlay" in formats:
-        files[name + SUFFIXES["overlay"]] = _png(overlay(photo, labels))
+        names = {r["id"]: r["label"] for r in records} if named else None
+        files[name + SUFFIXES["overlay"]] = _png(overlay(photo, labels, names=names))
     if "legend" in formats:
-        files[name + SUFFIXES["legend"]] = json.dumps({"segments": records}, indent=1).encode()
+        legend = {"segments": records}
+        if named:  # the classes PNG's palette: index -> name and colour
+            legend["classes"] = [{"id": i, "name": n, "color": colour_hex(i)} for i, n in enumerate(result.class_names)]
+        files[name + SUFFIXES["legend"]] = json.dumps(legend, indent=1).encode()
     if "rle" in formats:
         coco = [{**r, "segmentation": rle_encode(labels == r["id"])} for r in records]
         files[name + SUFFIXES["rle"]] = json.dumps(coco).encode()
@@ -158,6 +186,9 @@ def save_result(result: SegmentationResult, photo: Image.Image, out_dir: Path, n
                   "mask_embeddings": result.mask_embeddings}
         if difference_maps and result.difference_maps is not None:
             arrays["difference_maps"] = result.difference_maps
+        if named:
+            arrays["class_names"] = np.array(result.class_names)
+            arrays["segment_labels"] = result.segment_labels
         files[name + SUFFIXES["npz"]] = npz_bytes(arrays)
     for fname, data in files.items():
         (out_dir / fname).parent.mkdir(parents=True, exist_ok=True)

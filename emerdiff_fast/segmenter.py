@@ -2,27 +2,27 @@
 backend live here (encode, low-resolution features, k-means, the inversion's sampled
 trajectory, label maps); the backends differ only in how they produce the K difference
 maps from the trajectory (reference.py: one modulated run per mask, engine.py: one batched
-run for all masks). The trajectory and the denoising loop are sampling.py's."""
+run for all masks). The segmenter hands a backend a run.Run (the models as called, the
+settings, the batch sizes), never itself; the trajectory and the denoising loop are
+sampling.py's."""
 from __future__ import annotations
 
-import contextlib
 import copy
 import logging
-import time
 
 import torch
 import torch.nn.functional as F
 
-from . import engine, reference
-from .attention import RunState, find_module
-from .config import ConfigError, EmerDiffConfig, layer_grid
-from .engine import FastOptions
-from .images import ImageError, load_image, resize_labels, to_model_input
+from . import reference
+from .attention import find_module
+from .config import ConfigError, EmerDiffConfig, layer_grid, size_multiple, vae_scale_factor
+from .engine import ChunkPlan, FastOptions, FastPath
+from .images import ImageError, load_image, processing_size, resize_labels, to_model_input
 from .kmeans import kmeans
 from .loading import recommended_settings
 from .maps import assign_labels, gaussian_blur, mask_embeddings, masks_from_labels, naive_upsample
-from .prefix import PrefixState
 from .result import SegmentationResult
+from .run import Progress, Run
 from .sampling import (ReverseSchedule, alphas_cumprod, feature_noise, latent_dtype, noise_to, sample_trajectory,
                        trajectory_noise)
 from .timing import timed
@@ -101,6 +101,8 @@ class EmerDiff:
         for field in ("feature_layer", "modulated_layer"):
             find_module(self.unet, getattr(self.config, field))
         res = self.config.resolution
+        self.size_multiple = size_multiple(self.unet.config, self.vae.config)
+        # at resolution x resolution; with keep_aspect each image size has its own grid (_segment)
         self.feature_grid = layer_grid(self.unet.config, self.vae.config, (res, res), self.config.feature_layer)
         modulated_grid = layer_grid(self.unet.config, self.vae.config, (res, res), self.config.modulated_layer)
         if modulated_grid != self.feature_grid:  # the masks come from one layer and modulate the other
@@ -113,7 +115,8 @@ class EmerDiff:
             raise ValueError(f"max_batch must be at least 2 (one +/- pair), got {max_batch}")
         if decode_batch is not None and decode_batch < 1:
             raise ValueError(f"decode_batch must be at least 1, got {decode_batch}")
-        self.max_batch, self.decode_batch, self.progress = max_batch, decode_batch, progress
+        self.max_batch, self.decode_batch = max_batch, decode_batch
+        self.progress = Progress(progress)
         self.schedule = ReverseSchedule.build(pipe.scheduler.config, self.config)
         with torch.inference_mode():
             # empty prompt, no classifier-free guidance (SPEC 1.2)
@@ -138,53 +141,21 @@ class EmerDiff:
             self.unet_call = _graph_safe(torch.compile(self.unet, mode=self.compile_mode, dynamic=False),
                                          self.compile_mode)
             if compile_decode is not False:  # with compile unless turned off; decode calls then
-                # have one static batch (reference.decode_pairs pads the last slice)
+                # have one static batch (batching.decode_pairs pads the last slice)
                 self.vae_decode = _graph_safe(torch.compile(self.decode_vae.decode, mode=self.compile_mode,
                                                             dynamic=False), self.compile_mode, keep_output=True)
         elif compile_decode:
             raise ValueError("compile_decode needs compile (backend='fast')")
-        # fast path: one RunState and processor set per segmenter (see engine._state), so a
-        # compiled UNet's guards on processor identity keep holding across images
-        self._fast_state: RunState | None = None
-        self._fast_procs: dict | None = None
-        self._prefix = PrefixState()  # one object per segmenter, like the processors (compile guards)
-        self._compiled_batches: set[int] = set()
-        self.chunk_plan = engine.ChunkPlan()
-        self._bar = None
+        # the fast path's state lives as long as the segmenter (compile guards hold across images)
+        self.fast = (FastPath(self.unet, self.config.modulated_layer, self.options, self.compile_mode)
+                     if backend == "fast" else None)
+        self.chunk_plan = ChunkPlan(dict(self.unet.config), dict(self.vae.config), self.dtype, self.device,
+                                    self.config.modulated_layer, max_batch, decode_batch)
 
-    # ---- progress (host-side counters only: no device sync) ----------------------------
-    def begin_work(self, total: int, desc: str) -> None:
-        """Backends announce their units of work (UNet steps x chunks + decode calls)."""
-        if self.progress:
-            from tqdm import tqdm
-
-            self._bar = tqdm(total=total, desc=desc, unit="step", leave=False)
-
-    def tick(self, n: int = 1) -> None:
-        if self._bar is not None:
-            self._bar.update(n)
-
-    def end_work(self) -> None:
-        if self._bar is not None:
-            self._bar.close()
-            self._bar = None
-
-    def compiling(self, batch: int):
-        """Context for a UNet call batch: says so, and how long it took, when torch.compile
-        traces a new shape (the first call only)."""
-        if not self.compile_mode or batch in self._compiled_batches:
-            return contextlib.nullcontext()
-        self._compiled_batches.add(batch)
-        log.info("compiling the UNet for batch %d (first call only; typically 1-3 min, longer with "
-                 "max-autotune)", batch)
-
-        @contextlib.contextmanager
-        def report():
-            start = time.perf_counter()
-            yield
-            log.info("first compiled chunk done in %.0f s (compile included)", time.perf_counter() - start)
-
-        return report()
+    def processing_size(self, image_size: tuple[int, int]) -> tuple[int, int]:
+        """(H, W) the model sees for an image of PIL size (W, H) (config.keep_aspect)."""
+        cfg = self.config
+        return processing_size(image_size, cfg.resolution, self.size_multiple, cfg.keep_aspect)
 
     # ---- shared stages ---------------------------------------------------------------
     def encode(self, pixels: torch.Tensor) -> torch.Tensor:
@@ -198,7 +169,8 @@ class EmerDiff:
             return self.vae_decode(lat).sample
         # speed preset: decode 2x-downsampled latents (4x fewer pixels), upsample the images
         small = self.vae_decode(F.interpolate(lat, scale_factor=self.config.decode_scale, mode="bilinear")).sample
-        return F.interpolate(small.float(), size=(self.config.resolution,) * 2, mode="bilinear").to(small.dtype)
+        size = tuple(s * vae_scale_factor(self.vae.config) for s in lat.shape[-2:])
+        return F.interpolate(small.float(), size=size, mode="bilinear").to(small.dtype)
 
     @property
     def static_decode(self) -> bool:
@@ -250,29 +222,39 @@ class EmerDiff:
                     raise
                 log.warning("skipped: %s", exc)
                 loaded.append(None)
-        good = [i for i, im in enumerate(loaded) if im is not None]
+        by_size: dict[tuple[int, int], list[int]] = {}  # processing size -> images (one size per batch)
+        for i, im in enumerate(loaded):
+            if im is not None:
+                by_size.setdefault(self.processing_size(im.size), []).append(i)
         out: list[SegmentationResult | None] = [None] * len(images)
         # bounded groups: a long list never sits on the device at once (per-image seeding makes
         # a group's results equal single calls)
-        for start in range(0, len(good), IMAGE_BATCH):
-            group = good[start:start + IMAGE_BATCH]
-            for i, r in zip(group, self._segment([loaded[i] for i in group], errors)):
-                out[i] = r
+        for size, members in by_size.items():
+            for start in range(0, len(members), IMAGE_BATCH):
+                group = members[start:start + IMAGE_BATCH]
+                for i, r in zip(group, self._segment([loaded[i] for i in group], size, errors)):
+                    out[i] = r
         return out
 
-    def _segment(self, pil: list, errors: str) -> list[SegmentationResult | None]:
+    def _segment(self, pil: list, size: tuple[int, int], errors: str) -> list[SegmentationResult | None]:
+        """Images of one processing size (H, W)."""
         cfg = self.config
+        grid = layer_grid(self.unet.config, self.vae.config, size, cfg.feature_layer)
+        if size != (cfg.resolution, cfg.resolution):  # a kept aspect ratio: this size's own grid
+            try:
+                cfg.check_grid(grid, size)
+            except ConfigError as exc:
+                if errors == "raise":
+                    raise
+                log.warning("skipped %d image(s): %s", len(pil), exc)
+                return [None] * len(pil)
         timings: dict[str, float] = {}
         with timed(timings, "encode", self.device):
-            latents = self.encode(torch.stack([to_model_input(im, cfg.resolution) for im in pil]))
+            latents = self.encode(torch.stack([to_model_input(im, size) for im in pil]))
         latent_shape = tuple(latents.shape[1:])
         with timed(timings, "features", self.device):
             noise = feature_noise(cfg.seed, latent_shape, cfg.feature_samples)
             feats = torch.stack([self.features(latents[j:j + 1], noise) for j in range(len(pil))])
-        n_pos = feats.shape[1]
-        side = int(round(n_pos ** 0.5))
-        if cfg.num_masks > n_pos:
-            raise ConfigError(f"num_masks={cfg.num_masks} exceeds the {n_pos} positions of the feature grid")
         finite = torch.isfinite(feats).flatten(1).all(1).tolist()  # once per call, outside any loop
         ok = [j for j, f in enumerate(finite) if f]
         if len(ok) < len(pil):
@@ -291,12 +273,12 @@ class EmerDiff:
             low_res = km.labels[row]
             if self.backend == "naive":
                 with timed(t, "postprocess", self.device):
-                    labels = naive_upsample(low_res.view(side, side), cfg.num_masks, (cfg.resolution,) * 2)
+                    labels = naive_upsample(low_res.view(grid), cfg.num_masks, size)
                 diffs = None
             else:
                 masks = masks_from_labels(low_res, cfg.num_masks).to(self.device)
                 traj = sample_trajectory(self.schedule, latents[j:j + 1], step_noise, latent_dtype(self.dtype))
-                diffs = self._difference_maps(traj, masks, t)
+                diffs = self._difference_maps(traj, masks, size, t)
                 if not torch.isfinite(diffs).all():
                     self._fail(errors, "difference maps contain NaN/inf (the model overflowed in "
                                        f"{self.dtype}; try float32 or bfloat16)")
@@ -306,24 +288,37 @@ class EmerDiff:
             labels = resize_labels(labels.cpu(), (im.size[1], im.size[0]))
             results[j] = SegmentationResult(
                 labels=labels.numpy().astype("int32"),
-                low_res_labels=low_res.view(side, side).cpu().numpy().astype("int32"),
+                low_res_labels=low_res.view(grid).cpu().numpy().astype("int32"),
                 difference_maps=None if diffs is None else diffs.float().cpu().numpy(),
                 mask_embeddings=mask_embeddings(feats[j], low_res, cfg.num_masks).cpu().numpy(),
                 config=cfg, backend=self.backend, timings=t)
         return results
 
-    def _difference_maps(self, traj, masks: torch.Tensor, timings: dict) -> torch.Tensor:
+    def run(self, size: tuple[int, int]) -> Run:
+        """What the backend gets for an image of processing size (H, W): the reference path
+        runs one +/- pair at a time, the fast path its chunk plan's sizes."""
+        fast = self.fast is not None
+        chunk = self.chunk_plan.chunk(size, self.config.num_masks) if fast else 2
+        return Run(unet=self.unet, unet_call=self.unet_call, decode=self.decode, static_decode=self.static_decode,
+                   context=self.context, dtype=self.dtype, device=self.device, lam=self.config.lam,
+                   modulated_layer=self.config.modulated_layer, modulate_steps=self.config.modulate_steps,
+                   chunk=chunk, decode_batch=self.chunk_plan.decode_size(chunk) if fast else 2,
+                   progress=self.progress)
+
+    def _difference_maps(self, traj, masks: torch.Tensor, size: tuple[int, int], timings: dict) -> torch.Tensor:
         """The backend's maps; on a CUDA out-of-memory error the fast path halves its chunk
         (kept for later images) and retries the image, down to one +/- pair per call."""
-        backend = reference if self.backend == "reference" else engine
+        k = self.config.num_masks
         while True:
             try:
-                return backend.difference_maps(self, traj, masks, timings)
+                if self.fast is None:
+                    return reference.difference_maps(self.run(size), traj, masks, timings)
+                return self.fast.difference_maps(self.run(size), traj, masks, timings)
             except torch.cuda.OutOfMemoryError:
-                if self.backend != "fast":
+                if self.fast is None:
                     raise
-                old = self.chunk_plan.chunk(self)
-                new = self.chunk_plan.back_off(self)
+                old = self.chunk_plan.chunk(size, k)
+                new = self.chunk_plan.back_off(size, k)
                 if new is None:
                     raise torch.cuda.OutOfMemoryError(
                         "CUDA out of memory even at 2 modulated runs per UNet call (one +/- pair); lower "
@@ -332,7 +327,7 @@ class EmerDiff:
                             "(kept for the following images)", old, new)
                 torch.cuda.empty_cache()
             finally:
-                self.end_work()
+                self.progress.end()
 
     @staticmethod
     def _fail(errors: str, message: str) -> None:

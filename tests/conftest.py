@@ -44,12 +44,14 @@ def our_log(caplog):
     import logging
 
     logger = logging.getLogger("emerdiff_fast")
-    old_level = logger.level
+    old_level, old_propagate = logger.level, logger.propagate
     logger.addHandler(caplog.handler)
     logger.setLevel(logging.INFO)
+    logger.propagate = False  # else caplog's root handler records every line a second time
     yield caplog
     logger.removeHandler(caplog.handler)
     logger.setLevel(old_level)
+    logger.propagate = old_propagate
 
 
 @pytest.fixture

@@ -1,7 +1,6 @@
 """The fast path's chunk on CUDA (queries mocked): counted from what the caching allocator
-can hand out, decided once per (resolution, K), halved after an out-of-memory error."""
+can hand out, decided once per (processing size, K), halved after an out-of-memory error."""
 from pathlib import Path
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -20,27 +19,26 @@ def _mock_cuda(monkeypatch, free, reserved, allocated, total=80 * GB):
     monkeypatch.setattr(torch.cuda, "memory_allocated", lambda device=None: allocated)
 
 
-def _cuda_seg(unet_config, vae_config, k=30, resolution=512, dtype=torch.bfloat16):
-    return SimpleNamespace(config=EmerDiffConfig(num_masks=k, resolution=resolution), device=torch.device("cuda", 0),
-                           max_batch=None, decode_batch=None, dtype=dtype,
-                           unet=SimpleNamespace(config=unet_config), vae=SimpleNamespace(config=vae_config))
+def _cuda_plan(unet_config, vae_config, dtype=torch.bfloat16):
+    return engine.ChunkPlan(unet_config, vae_config, dtype, torch.device("cuda", 0), EmerDiffConfig().modulated_layer)
 
 
 def test_chunk_is_the_same_for_image_1_and_image_2(tiny_pipe, monkeypatch):
-    seg = _cuda_seg(dict(tiny_pipe.unet.config), dict(tiny_pipe.vae.config), k=30, resolution=256, dtype=torch.float32)
-    model = engine.memory_model(seg)
+    seg = _cuda_plan(dict(tiny_pipe.unet.config), dict(tiny_pipe.vae.config), dtype=torch.float32)
+    size = (256, 256)
+    model = seg.memory_model(size)
     budget = int(model.unet_call(21) / engine.MEMORY_SAFETY) + 2 ** 20  # some but not all 60 members fit
     expected = model.largest_chunk(engine.MEMORY_SAFETY * budget, 60, 8)
     assert 2 < expected < 60
     _mock_cuda(monkeypatch, free=budget + GB, reserved=0, allocated=GB)  # before image 1
-    first = engine.chunk_size(seg)
+    first = seg.chunk_size(size, 30)
     # after image 1 the allocator keeps its blocks: the driver reports 3 GB less free memory
     _mock_cuda(monkeypatch, free=budget - 2 * GB, reserved=3 * GB, allocated=GB)
-    assert engine.chunk_size(seg) == first == expected
-    plan = engine.ChunkPlan()
-    assert plan.chunk(seg) == expected
+    assert seg.chunk_size(size, 30) == first == expected
+    plan = _cuda_plan(dict(tiny_pipe.unet.config), dict(tiny_pipe.vae.config), dtype=torch.float32)
+    assert plan.chunk(size, 30) == expected
     _mock_cuda(monkeypatch, free=GB // 4, reserved=0, allocated=GB)  # whatever happens later,
-    assert plan.chunk(seg) == expected                              # the plan holds
+    assert plan.chunk(size, 30) == expected                         # the plan holds
 
 
 @pytest.mark.skipif(not (SD15 / "unet/config.json").exists(), reason="../shared/model-skeletons/sd15 not present")
@@ -52,13 +50,13 @@ def test_expected_chunk_at_sd_size(monkeypatch, card_gb, others_gb, expected):
     import json
 
     unet_cfg, vae_cfg = (json.loads((SD15 / f"{m}/config.json").read_text()) for m in ("unet", "vae"))
-    seg = _cuda_seg(unet_cfg, vae_cfg)
-    weights = MemoryModel.of(unet_cfg, vae_cfg, 512, torch.bfloat16, seg.config.modulated_layer).weights()
+    seg = _cuda_plan(unet_cfg, vae_cfg)
+    weights = MemoryModel.of(unet_cfg, vae_cfg, 512, torch.bfloat16, seg.modulated_layer).weights()
     free = card_gb * GB - weights - others_gb * GB
     _mock_cuda(monkeypatch, free=free, reserved=weights, allocated=weights, total=card_gb * GB)
-    chunk = engine.chunk_size(seg)
+    chunk = seg.chunk_size((512, 512), 30)
     assert chunk == expected
-    model, budget = engine.memory_model(seg), engine.MEMORY_SAFETY * free
+    model, budget = seg.memory_model((512, 512)), engine.MEMORY_SAFETY * free
     assert model.peak(chunk, min(chunk, 8)) <= budget
     if chunk < 60:
         assert model.peak(chunk + 2, 8) > budget
@@ -97,7 +95,7 @@ def test_out_of_memory_at_one_pair_gives_up_clearly(tiny_pipe, rand_image, monke
     seg = EmerDiff(tiny_pipe, EmerDiffConfig(num_masks=4, resolution=64, feature_samples=1))
     with pytest.raises(torch.cuda.OutOfMemoryError, match="even at 2 modulated runs"):
         seg(rand_image(0, 64, 64))
-    assert seg.chunk_plan.chunk(seg) == 2
+    assert seg.chunk_plan.chunk((64, 64), 4) == 2
 
 
 class _StaticBuffers:

@@ -20,6 +20,17 @@ def test_segment_photo_end_to_end(photo_path, tmp_path):
     assert not list(out.glob(".*tmp"))
 
 
+def test_keep_aspect(tmp_path):
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (40, 90, 3), dtype=np.uint8)).save(tmp_path / "w.png")
+    out = tmp_path / "out"
+    rc = main(["segment", str(tmp_path / "w.png"), "--out", str(out), "--save-difference-maps", "--keep-aspect",
+               "--format", "npz", *ARGS[:2], "--masks", "3", *ARGS[4:]])
+    assert rc == 0
+    npz = np.load(out / "w.npz")  # 90x40 at 64: the notebook's size 128x64, grid 4x2
+    assert npz["labels"].shape == (40, 90) and npz["difference_maps"].shape == (3, 64, 128)
+    assert npz["low_res_labels"].shape == (2, 4)
+
+
 def test_bad_inputs_are_reported_and_others_processed(photo_path, tmp_path, capsys):
     d = tmp_path / "in"
     d.mkdir()

@@ -245,7 +245,7 @@ def test_progress_units_match_the_work(tiny_pipe, photo_path, backend, max_batch
     seg = EmerDiff(tiny_pipe, EmerDiffConfig(num_masks=3, resolution=64, feature_samples=1), backend=backend,
                    max_batch=max_batch, progress=True)
     seen = {"total": [], "ticks": 0}
-    real_begin, real_tick = seg.begin_work, seg.tick
+    real_begin, real_tick = seg.progress.begin, seg.progress.tick
 
     def begin(total, desc):
         seen["total"].append(total)
@@ -255,29 +255,29 @@ def test_progress_units_match_the_work(tiny_pipe, photo_path, backend, max_batch
         seen["ticks"] += n
         real_tick(n)
 
-    seg.begin_work, seg.tick = begin, tick
+    seg.progress.begin, seg.progress.tick = begin, tick
     seg(photo_path)
     steps = len(seg.schedule.timesteps)
     chunks = {("fast", None): 1, ("fast", 2): 3, ("reference", None): 3 + 1}[(backend, max_batch)]
     decodes = 1 if (backend, max_batch) == ("fast", None) else 3
     assert seen["total"] == [chunks * steps + decodes] and seen["ticks"] == seen["total"][0]
-    assert "denoise+decode" in capsys.readouterr().err and seg._bar is None
+    assert "denoise+decode" in capsys.readouterr().err and seg.progress._bar is None
 
 
 def test_compile_says_so_once_per_shape(tiny_pipe, our_log):
     from emerdiff_fast import EmerDiff
 
     seg = EmerDiff(tiny_pipe)
-    seg.compile_mode = "default"  # the message logic only; compiling itself is tested in test_fast.py
+    seg.fast.compile_mode = "default"  # the message logic only; compiling itself is tested in test_fast.py
     for batch in (5, 5, 7):
-        with seg.compiling(batch):
+        with seg.fast.compiling(batch):
             pass
     said = [r.getMessage() for r in our_log.records if r.getMessage().startswith("compiling the UNet")]
     assert len(said) == 2 and "batch 5 (first call only" in said[0] and "batch 7" in said[1]
 
 
 def test_output_names_mirror_folders(tmp_path):
-    from emerdiff_fast.cli import output_names
+    from emerdiff_fast.commands.segment import output_names
 
     for rel in ("a/x.png", "a/sub/x.png", "c/x.png", "c/x.jpg"):
         (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from emerdiff_fast import EmerDiff, EmerDiffConfig
-from emerdiff_fast.cli import UsageError, check_device, resolve_dtype
+from emerdiff_fast.commands.common import UsageError, check_device, resolve_dtype
 
 from conftest import rel_err
 

@@ -4,7 +4,8 @@ import pytest
 import torch
 
 from emerdiff_fast import EmerDiff, EmerDiffConfig
-from emerdiff_fast.engine import FastOptions, chunk_plan
+from emerdiff_fast.batching import chunk_plan
+from emerdiff_fast.engine import FastOptions
 
 from conftest import rel_err
 

@@ -40,10 +40,8 @@ def test_balanced_chunk(members, budget, chunk):
 
 def test_chunk_size_balances_the_budget(tiny_pipe):
     from emerdiff_fast import EmerDiff, EmerDiffConfig
-    from emerdiff_fast.engine import chunk_size
-
     seg = EmerDiff(tiny_pipe, EmerDiffConfig(num_masks=30, resolution=256, feature_samples=1), max_batch=26)
-    assert chunk_size(seg) == 20  # 3 calls of 20, not 26 + 26 + 8
+    assert seg.chunk_plan.chunk_size((256, 256), 30) == 20  # 3 calls of 20, not 26 + 26 + 8
 
 
 def test_largest_chunk_searches_exact_traces(tiny_pipe):

@@ -61,7 +61,7 @@ def _blur3x3(img):
 
 @torch.no_grad()
 def oracle_difference_maps(pipe, pixels, low_res_labels, cfg):
-    """pixels (1, 3, R, R) in [-1, 1]; low_res_labels (N,) -> (K, R, R) difference maps."""
+    """pixels (1, 3, H, W) in [-1, 1]; low_res_labels (N,) -> (K, H, W) difference maps."""
     from diffusers import DDIMScheduler
 
     unet, vae = pipe.unet, pipe.vae
@@ -126,6 +126,24 @@ def test_reference_path_matches_the_oracle(pipe64, rand_image, seed, k):
     expected = oracle_difference_maps(pipe64, pixels, torch.from_numpy(ref.low_res_labels).flatten(), cfg).numpy()
     assert rel_err(ref.difference_maps, expected) <= 1e-5
     assert (ref.labels == expected.argmax(0)).mean() >= 0.999
+
+
+def test_reference_path_matches_the_oracle_non_square(pipe64, rand_image):
+    """keep_aspect: the notebook's load_img(resize_to_512=False) size, computed here on its own."""
+    from emerdiff_fast.images import load_image, to_model_input
+
+    cfg = EmerDiffConfig(num_masks=4, resolution=128, seed=5, keep_aspect=True)
+    image = rand_image(5, 100, 140)  # (H, W)
+    fac = math.sqrt(128 * 128 / 140 / 100)
+    w, h = (x - x % 64 for x in (int(140 * fac) + 63, int(100 * fac) + 63))
+    assert (h, w) == (128, 192)
+    ref = EmerDiff(pipe64, cfg, backend="reference")(image)
+    pixels = to_model_input(load_image(image), (h, w))[None].double()
+    expected = oracle_difference_maps(pipe64, pixels, torch.from_numpy(ref.low_res_labels).flatten(), cfg).numpy()
+    assert expected.shape == (4, 128, 192)
+    assert rel_err(ref.difference_maps, expected) <= 1e-5
+    assert (ref.labels == F.interpolate(torch.from_numpy(expected.argmax(0))[None, None].float(), size=(100, 140),
+                                        mode="nearest-exact")[0, 0].numpy()).mean() >= 0.999
 
 
 def _final_latents(seg, image):

@@ -9,7 +9,7 @@ import numpy as np
 
 
 def _common(p) -> None:
-    from ..cli import DTYPES, add_logging_args
+    from ..commands.common import DTYPES, add_logging_args
 
     p.add_argument("--model", required=True, help="as for segment: hub id, folder, single file, or 'tiny'")
     p.add_argument("--random-init", action="store_true")
@@ -24,7 +24,7 @@ def _common(p) -> None:
 
 
 def _data(p) -> None:
-    from ..cli import positive_int
+    from ..commands.common import positive_int
 
     p.add_argument("--dataset", choices=["spair", "cub"], required=True)
     p.add_argument("--root", required=True, help="SPair-71k or CUB-200-2011 root in its own layout")
@@ -72,7 +72,7 @@ def _hyperfeatures(args):
     import torch
 
     from .. import load_pipeline
-    from ..cli import DTYPES, check_device
+    from ..commands.common import DTYPES, check_device
     from . import Hyperfeatures
     from .extract import ExtractConfig
 

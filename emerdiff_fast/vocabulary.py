@@ -1,0 +1,226 @@
+"""Names for EmerDiff's segments (open vocabulary), from Stable Diffusion's own cross-attention.
+
+SD's cross-attention probabilities for a word's tokens form a coarse map of where the word
+is (DAAM, Tang et al. 2023). `Vocabulary` runs the UNet once on an image's latent, noised
+to a small timestep, with a prompt that holds the labels, and reads each label's token
+probabilities at the chosen cross-attention layers: one heat map per label. EmerDiff's
+pixel-accurate segments then take the label whose normalised heat is highest over their
+pixels (`name_segments`). `combine` is the paper's other route (Table 3): each segment takes
+the class of an external open-vocabulary segmenter's map that covers most of its pixels.
+
+Choices (all in VocabularyConfig, documented there): the prompt template, the timestep,
+the layers, the noise draws, the per-label normalisation, multi-token labels.
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .attention import _check_supported, _context, _finish, installed
+from .config import ConfigError, layer_grid, layer_scale, vae_scale_factor
+from .images import load_image, processing_size, to_model_input
+from .result import SegmentationResult
+from .sampling import alphas_cumprod, noise_to
+
+log = logging.getLogger("emerdiff_fast")
+
+
+@dataclass(frozen=True)
+class VocabularyConfig:
+    """How label heat maps are made and segments named."""
+
+    template: str = "a {}"         # each label's phrase; the prompt joins them: "a cat and a dog and a sky"
+    joiner: str = " and "
+    timestep: int = 100            # (choice) small: the latent is barely noised, the words' maps are sharp
+    noise_draws: int = 4           # (choice) noise draws averaged, batched into one UNet call
+    draw_batch: int | None = None  # draws per UNet call (None: all at once)
+    scales: tuple[int, ...] = (16, 32)  # image pixels per layer position: SD's 32x32 and 16x16 at 512 px;
+                                   # a model without such layers uses all its cross-attention outside the mid block
+    token_reduce: str = "mean"     # a multi-token label: "mean" or "sum" of its tokens' probabilities
+    normalize: str = "max"         # "max": each label's map divided by its maximum; "none"
+    threshold: float = 0.2         # (choice) a segment whose best mean normalised heat is lower takes the fallback
+    fallback: str = "background"
+    seed: int = 0
+
+    def __post_init__(self):
+        if "{}" not in self.template:
+            raise ConfigError(f"template must hold '{{}}' where the label goes, got {self.template!r}")
+        if not 0 <= self.timestep < 1000:
+            raise ConfigError(f"timestep must lie in [0, 1000), got {self.timestep}")
+        if self.noise_draws < 1 or (self.draw_batch is not None and self.draw_batch < 1):
+            raise ConfigError("noise_draws and draw_batch must be at least 1")
+        if self.token_reduce not in ("mean", "sum") or self.normalize not in ("max", "none"):
+            raise ConfigError("token_reduce must be mean or sum, normalize max or none")
+
+
+def prompt_tokens(tokenizer, labels: list[str], template: str, joiner: str) -> tuple[list[int], list[list[int]]]:
+    """The prompt's token ids (BOS, phrases, EOS, padding) and each label's token positions.
+    Built piece by piece, so the positions are exact (CLIP's BPE splits at spaces)."""
+    def ids(text: str) -> list[int]:
+        return tokenizer(text.strip(), add_special_tokens=False).input_ids if text.strip() else []
+
+    before, _, after = template.partition("{}")
+    out, spans = [tokenizer.bos_token_id], []
+    for i, label in enumerate(labels):
+        if i:
+            out += ids(joiner)
+        out += ids(before)
+        label_ids = ids(label)
+        if not label_ids or tokenizer.unk_token_id in label_ids:
+            log.warning("label %r is unknown to this model's tokenizer: its heat map means little", label)
+        spans.append(list(range(len(out), len(out) + len(label_ids))))
+        out += label_ids + ids(after)
+    out.append(tokenizer.eos_token_id)
+    limit = tokenizer.model_max_length
+    if len(out) > limit:
+        raise ConfigError(f"{len(labels)} labels make a prompt of {len(out)} tokens; this text encoder takes "
+                          f"{limit}: use fewer or shorter labels")
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    return out + [pad] * (limit - len(out)), spans
+
+
+def heat_layers(unet, vae_config, scales: tuple[int, ...]) -> list[str]:
+    """Cross-attention layers at `scales` image pixels per position; if none, every
+    cross-attention layer outside the mid block (the mini model: its 8x8 layers at 64 px)."""
+    names = [k.removesuffix(".processor") for k in unet.attn_processors if k.endswith("attn2.processor")]
+    f = vae_scale_factor(vae_config)
+    chosen = [n for n in names if f * layer_scale(unet.config, n) in scales]
+    return chosen or [n for n in names if not n.startswith("mid_block")] or names
+
+
+class _Recorder:
+    """diffusers' attention arithmetic, keeping the head-averaged probabilities (B, N, L)."""
+
+    def __init__(self, name: str, store: dict):
+        self.name, self.store = name, store
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, *args,
+                 **kwargs):
+        _check_supported(attn, attention_mask)
+        context = _context(attn, hidden_states, encoder_hidden_states)
+        q = attn.head_to_batch_dim(attn.to_q(hidden_states))
+        k = attn.head_to_batch_dim(attn.to_k(context))
+        probs = attn.get_attention_scores(q, k)  # (B * heads, N, L)
+        b = hidden_states.shape[0]
+        self.store[self.name] = probs.float().view(b, attn.heads, *probs.shape[1:]).mean(1)
+        out = attn.batch_to_head_dim(torch.bmm(probs, attn.head_to_batch_dim(attn.to_v(context))))
+        return _finish(attn, attn.to_out[1](attn.to_out[0](out)), hidden_states)
+
+
+class Vocabulary:
+    """Heat maps of `labels` for images, from the pipeline's UNet and text encoder."""
+
+    def __init__(self, pipe, labels: list[str], config: VocabularyConfig | None = None, *, resolution: int = 512,
+                 keep_aspect: bool = False):
+        labels = [str(label).strip() for label in labels]
+        if not labels or any(not label for label in labels) or len(set(labels)) < len(labels):
+            raise ConfigError(f"labels must be distinct and non-empty, got {labels}")
+        self.pipe, self.labels, self.config = pipe, labels, config or VocabularyConfig()
+        self.resolution, self.keep_aspect = resolution, keep_aspect
+        self.unet, self.vae = pipe.unet, pipe.vae
+        self.layers = heat_layers(self.unet, self.vae.config, self.config.scales)
+        ids, self.spans = prompt_tokens(pipe.tokenizer, labels, self.config.template, self.config.joiner)
+        self.input_ids = ids
+        device = self.unet.device
+        with torch.inference_mode():
+            self.context = pipe.text_encoder(torch.tensor([ids], device=pipe.text_encoder.device))[0]
+        self.context = self.context.to(device, self.unet.dtype)
+        self.multiple = vae_scale_factor(self.vae.config) * 2 ** (len(self.unet.config.block_out_channels) - 1)
+
+    @property
+    def class_names(self) -> list[str]:
+        """The labels, then the fallback where it is not one of them."""
+        fb = self.config.fallback
+        return self.labels + ([fb] if fb not in self.labels else [])
+
+    @torch.inference_mode()
+    def heat_maps(self, image, size: tuple[int, int] | None = None) -> torch.Tensor:
+        """One image -> (labels, H, W) float32 heat maps at the image's size (or `size`)."""
+        im = load_image(image)
+        proc = processing_size(im.size, self.resolution, self.multiple, self.keep_aspect)
+        pixels = to_model_input(im, proc)[None].to(self.vae.device, self.vae.dtype)
+        latent = (self.vae.encode(pixels).latent_dist.mean * self.vae.config.scaling_factor).float()
+        maps = self.latent_heat_maps(latent.to(self.unet.device), proc)
+        out = size or (im.size[1], im.size[0])
+        return F.interpolate(maps[None], size=out, mode="bilinear", align_corners=False)[0]
+
+    def latent_heat_maps(self, latent: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+        """latent (1, C, h, w) of an image processed at size (H, W) -> (labels, H, W)."""
+        cfg = self.config
+        g = torch.Generator().manual_seed(cfg.seed)
+        noise = torch.randn((cfg.noise_draws, *latent.shape[1:]), generator=g)
+        a = alphas_cumprod(self.pipe.scheduler.config)[cfg.timestep]
+        x = noise_to(latent.float(), noise.to(latent.device), a).to(self.unet.dtype)
+        t = torch.tensor(cfg.timestep, device=latent.device)
+        store: dict = {}
+        totals = {name: 0.0 for name in self.layers}
+        procs = dict(self.unet.attn_processors)
+        for name in self.layers:
+            procs[f"{name}.processor"] = _Recorder(name, store)
+        step = cfg.draw_batch or cfg.noise_draws
+        with installed(self.unet, procs):
+            for s in range(0, cfg.noise_draws, step):  # one UNet call per draw batch
+                part = x[s:s + step]
+                self.unet(part, t, encoder_hidden_states=self.context.expand(part.shape[0], -1, -1))
+                for name in self.layers:
+                    totals[name] = totals[name] + store.pop(name).sum(0)
+        maps = []
+        for name in self.layers:
+            probs = totals[name] / cfg.noise_draws  # (N, L)
+            gh, gw = layer_grid(self.unet.config, self.vae.config, size, name)
+            per_label = torch.stack([probs[:, span].mean(1) if cfg.token_reduce == "mean" else probs[:, span].sum(1)
+                                     for span in self.spans]).view(-1, 1, gh, gw)
+            maps.append(F.interpolate(per_label, size=size, mode="bilinear", align_corners=False)[:, 0])
+        heat = torch.stack(maps).mean(0)
+        if cfg.normalize == "max":
+            heat = heat / heat.flatten(1).amax(1).clamp_min(1e-12)[:, None, None]
+        return heat.float()
+
+
+def segment_scores(segments: np.ndarray, heat: np.ndarray, num_segments: int | None = None) -> np.ndarray:
+    """(H, W) segment ids, (L, H, W) heat -> (K, L) mean heat of each label over each segment
+    (an empty segment scores 0)."""
+    k = int(num_segments or segments.max() + 1)
+    flat = segments.reshape(-1)
+    counts = np.bincount(flat, minlength=k).astype(np.float64)
+    sums = np.stack([np.bincount(flat, weights=h.reshape(-1).astype(np.float64), minlength=k) for h in heat], 1)
+    return sums / np.maximum(counts, 1)[:, None]
+
+
+def name_segments(segments: np.ndarray, heat: np.ndarray, threshold: float, fallback: int,
+                  num_segments: int | None = None) -> np.ndarray:
+    """Each segment takes the label of highest mean heat over its pixels, or `fallback` (an
+    index into the class names) where that best mean is under `threshold`: (K,) ids."""
+    scores = segment_scores(segments, heat, num_segments)
+    best = scores.argmax(1)
+    return np.where(scores.max(1) >= threshold, best, fallback)
+
+
+def combine(segments: np.ndarray, class_map: np.ndarray, num_segments: int | None = None,
+            ignore: int | None = None) -> np.ndarray:
+    """The paper's overlap rule (Table 3): each segment takes the class of `class_map` (an
+    external segmenter's per-pixel ids, same size) that covers most of its pixels; pixels
+    of class `ignore` do not vote. Returns (K,) class ids (-1 for a segment with no votes)."""
+    if segments.shape != class_map.shape:
+        raise ValueError(f"segments {segments.shape} and class map {class_map.shape} differ in size")
+    k = int(num_segments or segments.max() + 1)
+    keep = class_map != ignore if ignore is not None else np.ones(class_map.shape, bool)
+    c = int(class_map.max()) + 1
+    votes = np.bincount(segments[keep].astype(np.int64) * c + class_map[keep].astype(np.int64),
+                        minlength=k * c).reshape(k, c)
+    return np.where(votes.sum(1) > 0, votes.argmax(1), -1)
+
+
+def name_result(result: SegmentationResult, vocabulary: Vocabulary, image) -> SegmentationResult:
+    """The result with its segments named by the naming rule (name_segments) on the image's
+    heat maps: class_names and segment_labels set."""
+    heat = vocabulary.heat_maps(image, size=result.labels.shape).numpy()
+    names = vocabulary.class_names
+    labels = name_segments(result.labels, heat, vocabulary.config.threshold, names.index(vocabulary.config.fallback),
+                           result.num_masks)
+    return dataclasses.replace(result, class_names=names, segment_labels=labels.astype(np.int32))

@@ -1,0 +1,117 @@
+"""Label heat maps from cross-attention, the naming rule and the paper's combination rule
+(issue 20, first part: the API; the command line and evaluation are not built yet)."""
+import numpy as np
+import pytest
+import torch
+
+from emerdiff_fast.config import ConfigError
+from emerdiff_fast.vocabulary import (Vocabulary, VocabularyConfig, combine, heat_layers, name_segments,
+                                      prompt_tokens, segment_scores)
+
+
+@pytest.fixture(scope="module")
+def mini():
+    from emerdiff_fast import load_pipeline
+
+    return load_pipeline("mini")
+
+
+def test_prompt_positions_are_the_label_tokens(mini):
+    tok = mini.tokenizer
+    ids, spans = prompt_tokens(tok, ["red disc", "background"], "a {}", " and ")
+    words = tok.convert_ids_to_tokens(ids)
+    assert [words[i] for s in spans for i in s] == ["red</w>", "disc</w>", "background</w>"]
+    assert words[:7] == ["<|startoftext|>", "a</w>", "red</w>", "disc</w>", "and</w>", "a</w>", "background</w>"]
+    assert len(ids) == tok.model_max_length
+    with pytest.raises(ConfigError, match="tokens"):
+        prompt_tokens(tok, ["red disc"] * 20, "a {}", " and ")
+
+
+def test_layers_by_scale(tiny_pipe, mini):
+    # tiny at f=8: down_blocks.1 and up_blocks.2 at 1/16, down_blocks.2 and up_blocks.1 at 1/32
+    layers = heat_layers(tiny_pipe.unet, tiny_pipe.vae.config, (16, 32))
+    assert layers and all(n.endswith("attn2") for n in layers)
+    assert {n.split(".attentions")[0] for n in layers} == {"down_blocks.1", "down_blocks.2", "up_blocks.1",
+                                                          "up_blocks.2"}
+    assert heat_layers(mini.unet, mini.vae.config, (16, 32)) == ["mid_block.attentions.0.transformer_blocks.0.attn2"]
+    # no layer at these scales: every cross-attention layer outside the mid block
+    assert all(not n.startswith("mid") for n in heat_layers(mini.unet, mini.vae.config, (1024,)))
+
+
+def test_heat_maps_shapes_and_normalisation(mini):
+    v = Vocabulary(mini, ["disc", "triangle", "background"], resolution=64)
+    heat = v.heat_maps(torch.rand(3, 50, 70))
+    assert heat.shape == (3, 50, 70) and torch.isfinite(heat).all()
+    assert torch.allclose(heat.flatten(1).amax(1), torch.ones(3), atol=0.05)  # max-normalised (then resized)
+    assert v.class_names == ["disc", "triangle", "background"]
+    assert Vocabulary(mini, ["disc"], resolution=64).class_names == ["disc", "background"]
+
+
+def test_batched_draws_equal_one_by_one(mini):
+    image = torch.rand(3, 64, 64, generator=torch.Generator().manual_seed(1))
+    labels = ["disc", "rectangle"]
+    together = Vocabulary(mini, labels, VocabularyConfig(noise_draws=3), resolution=64).heat_maps(image)
+    single = Vocabulary(mini, labels, VocabularyConfig(noise_draws=3, draw_batch=1), resolution=64).heat_maps(image)
+    assert torch.allclose(together, single, rtol=1e-4, atol=1e-6)
+
+
+def test_bad_labels_and_settings(mini):
+    with pytest.raises(ConfigError, match="distinct"):
+        Vocabulary(mini, ["disc", "disc"])
+    with pytest.raises(ConfigError, match="template"):
+        VocabularyConfig(template="a cat")
+
+
+def test_naming_rule_by_hand():
+    segments = np.array([[0, 0, 1, 1],
+                         [0, 0, 1, 1],
+                         [2, 2, 2, 2]])
+    heat = np.zeros((2, 3, 4))
+    heat[0, :2, :2] = 0.9          # label 0 over segment 0
+    heat[1, :2, 2:] = [0.5, 0.1]   # label 1 over segment 1: mean 0.3
+    heat[1, 2] = 0.05              # segment 2: nothing above the threshold
+    assert np.allclose(segment_scores(segments, heat)[1], [0.0, 0.3])
+    assert name_segments(segments, heat, threshold=0.2, fallback=7).tolist() == [0, 1, 7]
+    assert name_segments(segments, heat, threshold=0.35, fallback=7).tolist() == [0, 7, 7]
+
+
+def test_combination_rule_by_hand():
+    segments = np.array([[0, 0, 1],
+                         [0, 1, 1],
+                         [2, 2, 2]])
+    classes = np.array([[5, 5, 3],
+                        [4, 3, 5],
+                        [9, 9, 9]])
+    assert combine(segments, classes).tolist() == [5, 3, 9]
+    assert combine(segments, classes, num_segments=4).tolist() == [5, 3, 9, -1]  # segment 3 is empty
+    assert combine(segments, classes, ignore=9).tolist() == [5, 3, -1]
+    with pytest.raises(ValueError, match="differ"):
+        combine(segments, classes[:2])
+
+
+def test_cli_labels_outputs(tmp_path):
+    import json
+
+    from PIL import Image
+
+    from emerdiff_fast.cli import main
+    from emerdiff_fast.scenes import HELDOUT_SEEDS, make_scene
+
+    scene = make_scene(HELDOUT_SEEDS.start + 600)
+    Image.fromarray(scene.image).save(tmp_path / "s.png")
+    out = tmp_path / "out"
+    rc = main(["segment", str(tmp_path / "s.png"), "--out", str(out), "--labels", "disc,rectangle,triangle",
+               "--quiet", "--feature-samples", "2"])
+    assert rc == 0
+    legend = json.loads((out / "s.legend.json").read_text())
+    assert [c["name"] for c in legend["classes"]] == ["disc", "rectangle", "triangle", "background"]
+    assert all(r["label"] in {"disc", "rectangle", "triangle", "background"} for r in legend["segments"])
+    npz = np.load(out / "s.npz")
+    classes = np.asarray(Image.open(out / "s.classes.png"))
+    assert list(npz["class_names"]) == ["disc", "rectangle", "triangle", "background"]
+    assert np.array_equal(classes, npz["segment_labels"][npz["labels"]])
+    by_id = {r["id"]: r["label"] for r in legend["segments"]}
+    assert all(by_id[i] == npz["class_names"][npz["segment_labels"][i]] for i in by_id)
+    assert main(["segment", str(tmp_path / "s.png"), "--out", str(tmp_path / "o2"), "--labels", "a,a"]) == 2
+    assert main(["segment", str(tmp_path / "s.png"), "--out", str(tmp_path / "o3"), "--labels-file",
+                 str(tmp_path / "none.txt")]) == 2
