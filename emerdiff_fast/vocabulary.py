@@ -224,3 +224,44 @@ def name_result(result: SegmentationResult, vocabulary: Vocabulary, image) -> Se
     labels = name_segments(result.labels, heat, vocabulary.config.threshold, names.index(vocabulary.config.fallback),
                            result.num_masks)
     return dataclasses.replace(result, class_names=names, segment_labels=labels.astype(np.int32))
+
+
+def read_class_map(path, names_file=None) -> tuple[np.ndarray, list[str]]:
+    """An external segmenter's output: an npz with `class_map` (H, W) ids and `class_names`,
+    or a PNG of ids (palette or grey) with its names one per line in `names_file` (without
+    one: "class 0", "class 1", ...)."""
+    from pathlib import Path
+
+    from PIL import Image
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"class map {path} not found")
+    if path.suffix == ".npz":
+        with np.load(path) as z:
+            if "class_map" not in z:
+                raise ValueError(f"{path} holds no 'class_map' array (found {sorted(z.files)})")
+            class_map = z["class_map"]
+            names = [str(n) for n in z["class_names"]] if "class_names" in z else None
+    else:
+        class_map = np.asarray(Image.open(path))
+        names = None
+    if names_file is not None:
+        names = [line.strip() for line in Path(names_file).read_text().splitlines() if line.strip()]
+    if class_map.ndim != 2 or not np.issubdtype(class_map.dtype, np.integer) or class_map.min(initial=0) < 0:
+        raise ValueError(f"class map {path} must be an (H, W) array of non-negative integer ids")
+    n = int(class_map.max(initial=0)) + 1
+    names = names or [f"class {i}" for i in range(n)]
+    if len(names) < n:
+        raise ValueError(f"class map {path} uses id {n - 1} but only {len(names)} class names are given")
+    return class_map.astype(np.int64), names
+
+
+def combine_result(result: SegmentationResult, class_map: np.ndarray, class_names: list[str]) -> SegmentationResult:
+    """The result with each segment named by the overlap rule (`combine`) on an external
+    class map, resized to the labels' size (nearest) when it differs."""
+    if class_map.shape != result.labels.shape:
+        class_map = F.interpolate(torch.from_numpy(class_map)[None, None].float(), size=result.labels.shape,
+                                  mode="nearest-exact")[0, 0].long().numpy()
+    labels = combine(result.labels, class_map, result.num_masks)
+    return dataclasses.replace(result, class_names=list(class_names), segment_labels=labels.astype(np.int32))

@@ -115,3 +115,61 @@ def test_cli_labels_outputs(tmp_path):
     assert main(["segment", str(tmp_path / "s.png"), "--out", str(tmp_path / "o2"), "--labels", "a,a"]) == 2
     assert main(["segment", str(tmp_path / "s.png"), "--out", str(tmp_path / "o3"), "--labels-file",
                  str(tmp_path / "none.txt")]) == 2
+
+
+def test_read_class_map_and_combine_result(tmp_path):
+    from PIL import Image
+
+    from emerdiff_fast.config import EmerDiffConfig
+    from emerdiff_fast.result import SegmentationResult
+    from emerdiff_fast.vocabulary import combine_result, read_class_map
+
+    ids = np.zeros((4, 6), np.uint8)
+    ids[:, 3:] = 2
+    np.savez(tmp_path / "m.npz", class_map=ids, class_names=np.array(["sky", "cat", "grass"]))
+    Image.fromarray(ids, "L").save(tmp_path / "m.png")
+    (tmp_path / "names.txt").write_text("sky\ncat\ngrass\n")
+    for args in ((tmp_path / "m.npz",), (tmp_path / "m.png", tmp_path / "names.txt")):
+        cmap, names = read_class_map(*args)
+        assert np.array_equal(cmap, ids) and names == ["sky", "cat", "grass"]
+    assert read_class_map(tmp_path / "m.png")[1] == ["class 0", "class 1", "class 2"]
+    (tmp_path / "short.txt").write_text("sky\n")
+    with pytest.raises(ValueError, match="only 1 class names"):
+        read_class_map(tmp_path / "m.png", tmp_path / "short.txt")
+    labels = np.repeat(np.array([[0, 0, 1, 1, 1, 1]], np.int32), 8, 0)  # at 8x6: the map is resized
+    r = SegmentationResult(labels=labels, low_res_labels=np.zeros((1, 1), np.int32), difference_maps=None,
+                           mask_embeddings=np.zeros((3, 1), np.float32), config=EmerDiffConfig(num_masks=3),
+                           backend="naive")
+    named = combine_result(r, ids.astype(np.int64), ["sky", "cat", "grass"])
+    assert named.segment_labels.tolist() == [0, 2, -1]  # segment 1 covers 1 sky column, 3 grass; 2 is empty
+    assert named.class_map.shape == (8, 6)
+
+
+def test_cli_class_map(tmp_path):
+    import json
+
+    from PIL import Image
+
+    from emerdiff_fast.cli import main
+
+    image = np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8)
+    Image.fromarray(image).save(tmp_path / "s.png")
+    ids = np.zeros((64, 64), np.uint8)
+    ids[32:] = 1
+    maps = tmp_path / "maps"
+    maps.mkdir()
+    np.savez(maps / "s.npz", class_map=ids, class_names=np.array(["sky", "sea"]))
+    args = ["--model", "tiny", "--masks", "3", "--resolution", "64", "--quiet", "--feature-samples", "1"]
+    out = tmp_path / "out"
+    assert main(["segment", str(tmp_path / "s.png"), "--out", str(out), "--class-map", str(maps), *args]) == 0
+    legend = json.loads((out / "s.legend.json").read_text())
+    npz = np.load(out / "s.npz")
+    assert [c["name"] for c in legend["classes"]] == ["sky", "sea"]
+    for r in legend["segments"]:  # each segment: the class covering most of its pixels
+        inside = ids[npz["labels"] == r["id"]]
+        assert r["label"] == ["sky", "sea"][np.bincount(inside, minlength=2).argmax()]
+    bad = [str(tmp_path / "s.png"), "--out", str(tmp_path / "o2")]
+    assert main(["segment", *bad, "--class-map", str(tmp_path / "none"), *args]) == 2
+    assert main(["segment", *bad, "--class-map", str(maps), "--labels", "a", *args]) == 2
+    (maps / "s.npz").unlink()
+    assert main(["segment", *bad, "--class-map", str(maps), *args]) == 1  # that image fails, said in one line

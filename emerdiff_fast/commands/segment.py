@@ -67,7 +67,7 @@ def cmd_segment(args) -> int:
     from ..images import ImageError, load_image, set_max_pixels
     from ..output import output_files, save_result
     from ..prefetch import BackgroundWriter, StageClock, prefetched
-    from ..vocabulary import name_result
+    from ..vocabulary import combine_result, name_result
 
     set_max_pixels(args.max_pixels)
     resolve_model_args(args)
@@ -77,6 +77,7 @@ def cmd_segment(args) -> int:
     with shard.checked(UsageError, raise_as=UsageError):  # every rank looks before any rank writes
         paths, names = list_inputs(args)
         read_labels(args)  # checked before the model loads
+        check_class_map(args, len(paths))
         check_device(args.device)
         present = [[(out_dir / f).exists() for f in output_files(n, args.format)] for n in names]
         existing = [n for n, there in zip(names, present) if any(there)]
@@ -110,7 +111,9 @@ def cmd_segment(args) -> int:
                 result = clock.timed("segment", seg, photo)
                 if vocabulary is not None:
                     result = clock.timed("segment", name_result, result, vocabulary, photo)
-            except (ImageError, FloatingPointError, torch.cuda.OutOfMemoryError) as exc:
+                elif args.class_map:
+                    result = combine_result(result, *load_class_map(args, name))
+            except (ImageError, FloatingPointError, torch.cuda.OutOfMemoryError, ClassMapError) as exc:
                 failed += 1
                 log.error("%s: %s", path, exc)
                 continue
@@ -139,6 +142,8 @@ def read_labels(args) -> list[str] | None:
     """--labels or --labels-file (not both) -> the label list, checked before the model loads."""
     if args.labels and args.labels_file:
         raise UsageError("give --labels or --labels-file, not both")
+    if (args.labels or args.labels_file) and args.class_map:
+        raise UsageError("give --labels/--labels-file or --class-map, not both")
     if args.labels_file:
         path = Path(args.labels_file)
         if not path.is_file():
@@ -151,6 +156,40 @@ def read_labels(args) -> list[str] | None:
     if not labels or len(set(labels)) < len(labels):
         raise UsageError(f"labels must be distinct and non-empty, got {labels}")
     return labels
+
+
+class ClassMapError(ValueError):
+    """An image's --class-map is missing or unreadable: that image fails, the others run."""
+
+
+def check_class_map(args, images: int) -> None:
+    """--class-map and --class-names exist; one file serves one image only."""
+    if not args.class_map:
+        if args.class_names:
+            raise UsageError("--class-names goes with --class-map")
+        return
+    root = Path(args.class_map)
+    if not root.exists():
+        raise UsageError(f"--class-map {root} not found")
+    if root.is_file() and images > 1:
+        raise UsageError("--class-map is one file but there are several images: give a folder of NAME.npz/.png")
+    if args.class_names and not Path(args.class_names).is_file():
+        raise UsageError(f"--class-names {args.class_names} not found")
+
+
+def load_class_map(args, name: str):
+    """(class map, class names) of the image with output name `name`: --class-map itself,
+    or FOLDER/NAME.npz or .png."""
+    from ..vocabulary import read_class_map
+
+    root = Path(args.class_map)
+    found = [root] if root.is_file() else [root / (name + s) for s in (".npz", ".png") if (root / (name + s)).is_file()]
+    if not found:
+        raise ClassMapError(f"no class map {root / name}.npz or .png")
+    try:
+        return read_class_map(found[0], args.class_names)
+    except (OSError, ValueError) as exc:
+        raise ClassMapError(f"class map {found[0]}: {exc}") from None
 
 
 def build_vocabulary(args, seg):
@@ -178,6 +217,10 @@ def add_parser(sub, fmt) -> None:
                                     "vocabulary from the model's cross-attention; adds NAME.classes.png and names "
                                     "in the legend, overlay and npz)")
     p.add_argument("--labels-file", help="name the segments: a text file with one label per line")
+    p.add_argument("--class-map", help="name the segments from another segmenter (e.g. MaskCLIP, TCL) by overlap, "
+                                       "the paper's rule: an npz (class_map, class_names) or PNG of class ids; a "
+                                       "folder of NAME.npz/NAME.png, one per output name, for several images")
+    p.add_argument("--class-names", help="with a PNG --class-map: the class names, one per line")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     add_model_args(p)
     p.set_defaults(func=cmd_segment)
