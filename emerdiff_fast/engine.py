@@ -136,8 +136,9 @@ class ChunkPlan:
         current = self.chunk(size, num_masks)
         if current <= 2:
             return None
-        self.chunks[(tuple(size), num_masks)] = balanced_chunk(2 * num_masks, current // 2)
-        return self.chunks[(tuple(size), num_masks)]
+        key = (tuple(size), num_masks)
+        self.chunks[key] = balanced_chunk(2 * num_masks, current // 2)
+        return self.chunks[key]
 
 
 class FastPath:

@@ -115,7 +115,6 @@ class EmerDiff:
             raise ValueError(f"max_batch must be at least 2 (one +/- pair), got {max_batch}")
         if decode_batch is not None and decode_batch < 1:
             raise ValueError(f"decode_batch must be at least 1, got {decode_batch}")
-        self.max_batch, self.decode_batch = max_batch, decode_batch
         self.progress = Progress(progress)
         self.schedule = ReverseSchedule.build(pipe.scheduler.config, self.config)
         with torch.inference_mode():

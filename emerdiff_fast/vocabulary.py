@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from .attention import _check_supported, _context, _finish, installed
-from .config import ConfigError, layer_grid, layer_scale, vae_scale_factor
+from .config import ConfigError, layer_grid, layer_scale, size_multiple, vae_scale_factor
 from .images import load_image, processing_size, to_model_input
 from .result import SegmentationResult
 from .sampling import alphas_cumprod, noise_to
@@ -130,7 +130,7 @@ class Vocabulary:
         with torch.inference_mode():
             self.context = pipe.text_encoder(torch.tensor([ids], device=pipe.text_encoder.device))[0]
         self.context = self.context.to(device, self.unet.dtype)
-        self.multiple = vae_scale_factor(self.vae.config) * 2 ** (len(self.unet.config.block_out_channels) - 1)
+        self.multiple = size_multiple(self.unet.config, self.vae.config)
 
     @property
     def class_names(self) -> list[str]:

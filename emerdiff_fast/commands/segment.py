@@ -76,7 +76,7 @@ def cmd_segment(args) -> int:
     out_dir = Path(args.out)
     with shard.checked(UsageError, raise_as=UsageError):  # every rank looks before any rank writes
         paths, names = list_inputs(args)
-        read_labels(args)  # checked before the model loads
+        labels = read_labels(args)  # checked before the model loads
         check_class_map(args, len(paths))
         check_device(args.device)
         present = [[(out_dir / f).exists() for f in output_files(n, args.format)] for n in names]
@@ -97,7 +97,7 @@ def cmd_segment(args) -> int:
         distributed.finish(shard)
         return 0
     seg = build_segmenter(args, progress=not args.quiet)
-    vocabulary = build_vocabulary(args, seg)
+    vocabulary = build_vocabulary(labels, seg)
     failed, finished, start = 0, 0, time.perf_counter()
     # reading ahead and writing behind on their own threads (prefetch.py): the segmenter
     # never waits on PIL, PNG encoding or the disk
@@ -192,10 +192,9 @@ def load_class_map(args, name: str):
         raise ClassMapError(f"class map {found[0]}: {exc}") from None
 
 
-def build_vocabulary(args, seg):
+def build_vocabulary(labels: list[str] | None, seg):
     from ..vocabulary import Vocabulary
 
-    labels = read_labels(args)
     if labels is None:
         return None
     return Vocabulary(seg.pipe, labels, resolution=seg.config.resolution, keep_aspect=seg.config.keep_aspect)
