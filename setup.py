@@ -13,7 +13,8 @@ setup(
     package_dir={"emerdiff_fast": "emerdiff_fast", "emerdiff_fast.kernels": "kernels",
                  "emerdiff_fast.hyperfeatures": "emerdiff_fast/hyperfeatures", "emerdiff_fast.mini": "emerdiff_fast/mini"},
     # the trained mini model ships inside the package (a diffusers folder, ~22 MB)
-    package_data={"emerdiff_fast.mini": ["model/*.json", "model/*.md", "model/*/*"]},
+    package_data={"emerdiff_fast.mini": ["model/*.json", "model/*.md", "model/*/*"],
+                  "emerdiff_fast": ["class_names/*.txt"]},
     install_requires=[
         "torch>=2.4",
         "triton>=3.0",

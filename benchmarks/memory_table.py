@@ -48,8 +48,8 @@ def main(argv=None) -> int:
     p.add_argument("--resolution", type=int, default=512)
     p.add_argument("--masks", type=int, nargs="+", default=[10, 30, 40])
     args = p.parse_args(argv)
-    print(f"| model | K | card | chunk (members per call) | calls per step | UNet call GB | decode GB | "
-          f"predicted peak GB |")
+    print("| model | K | card | chunk (members per call) | calls per step | UNet call GB | decode GB | "
+          "predicted peak GB |")
     print("| --- | --- | --- | --- | --- | --- | --- | --- |")
     for model in ("sd15", "sd21-base"):
         for r in rows(model, args.resolution, args.masks):

@@ -42,6 +42,17 @@ def _finish(attn, out, residual):
     return out / attn.rescale_output_factor
 
 
+def plain_attention(attn, hidden_states, encoder_hidden_states=None, attention_mask=None):
+    """diffusers' AttnProcessor arithmetic, explicit: (output, probabilities (B * heads, N, M)),
+    for processors that read the probabilities of an otherwise unchanged layer."""
+    _check_supported(attn, attention_mask)
+    context = _context(attn, hidden_states, encoder_hidden_states)
+    q = attn.head_to_batch_dim(attn.to_q(hidden_states))
+    probs = attn.get_attention_scores(q, attn.head_to_batch_dim(attn.to_k(context)))
+    out = attn.batch_to_head_dim(torch.bmm(probs, attn.head_to_batch_dim(attn.to_v(context))))
+    return _finish(attn, attn.to_out[1](attn.to_out[0](out)), hidden_states), probs
+
+
 @dataclass
 class Modulation:
     """What the modulated layer adds: member b gets coef[b] * masks[index[b]] (SPEC 1.6)."""

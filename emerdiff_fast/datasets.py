@@ -68,6 +68,37 @@ class DatasetError(ValueError):
     """A dataset root is missing or not in the expected layout."""
 
 
+# class names in class-id order, for naming segments (eval --open-vocab): the lists of
+# mmsegmentation (ADE20K-150, COCO-Stuff-164k's 171, PASCAL-Context-59) and of detectron2's
+# PASCAL-Context-459 layout, shipped as class_names/NAME.txt, one name per line
+NAMED_DATASETS = ("ade20k", "cocostuff171", "pascal_context59", "pascal_context459", "shapes")
+
+
+def class_names(name: str, names_file: str | Path | None = None) -> list[str]:
+    """The data set's class names in id order, or the lines of `names_file` (any data set);
+    the count must equal the data set's number of classes."""
+    if names_file is not None:
+        path = Path(names_file)
+        if not path.is_file():
+            raise DatasetError(f"class-names file {path} not found")
+        names = [line.strip() for line in path.read_text().splitlines() if line.strip()]
+    elif name == "shapes":
+        from .scenes import CLASSES
+
+        names = list(CLASSES)
+    elif name in NAMED_DATASETS:
+        names = (Path(__file__).parent / "class_names" / f"{name}.txt").read_text().split("\n")
+        names = [n for n in names if n]
+    else:
+        raise DatasetError(f"no class names ship for {name} (they do for {', '.join(NAMED_DATASETS)}): "
+                           "give them with --class-names FILE, one per line in class-id order")
+    if name in NUM_CLASSES and len(names) != NUM_CLASSES[name]:
+        raise DatasetError(f"{name} has {NUM_CLASSES[name]} classes, the names list {len(names)}")
+    if len(set(names)) < len(names):
+        raise DatasetError("class names must be distinct")
+    return names
+
+
 @dataclass
 class Sample:
     name: str

@@ -14,7 +14,8 @@
    --matching image, DiffSeg's per-image Hungarian) and the modified protocol with concept
    embeddings per image and per dataset, side by side.
 OUT/run.json records the settings; a cache made with other settings is refused, naming
-what differs, rather than mixed in.
+what differs, rather than mixed in. --open-vocab adds a naming pass and class mIoU
+(evaluate_vocab.py).
 """
 from __future__ import annotations
 
@@ -33,7 +34,7 @@ from .datasets import NUM_CLASSES, SUBSETS, SegmentationDataset
 from .images import resize_labels
 from .maps import naive_upsample
 from .metrics import ConceptMIoU, UnsupervisedMIoU, cluster_masks
-from .output import atomic_write, npz_bytes
+from .output import atomic_write, npz_bytes, settings_differ
 
 log = logging.getLogger("emerdiff_fast")
 CACHE_VERSION = 2  # bump when the cache entries change: an old cache is then refused
@@ -61,6 +62,16 @@ def add_parser(sub, formatter_class=None) -> None:
     p.add_argument("--matching", choices=["dataset", "image"], default="dataset",
                    help="traditional protocol: mask embeddings clustered over the dataset, then one Hungarian "
                         "(STEGO/PiCIE), or a Hungarian per image (DiffSeg, more lenient)")
+    p.add_argument("--open-vocab", action="store_true",
+                   help="also name the segments with the data set's class names (label heat maps from the "
+                        "model's cross-attention) and score class mIoU beside two baselines (evaluate_vocab.py)")
+    p.add_argument("--class-names", metavar="FILE", default=None,
+                   help="with --open-vocab: class names one per line in class-id order (default: the shipped "
+                        "list for ade20k, cocostuff171, pascal_context59/459 and shapes)")
+    p.add_argument("--class-map-dir", metavar="DIR", default=None,
+                   help="with --open-vocab: an external segmenter's predictions in the data set's class ids, "
+                        "DIR/NAME.npz (class_map) or DIR/NAME.png, scored alone and combined with the segments "
+                        "(the paper's overlap rule)")
     p.add_argument("--quiet", action="store_true")
     add_model_args(p)
     p.set_defaults(func=cmd_eval)
@@ -75,18 +86,13 @@ def _settings(args) -> dict:
 def check_run(out: Path, settings: dict, overwrite: bool = False) -> None:
     """A cache made with other settings is never mixed in: refused, naming what differs,
     or with `overwrite` deleted. Same settings: resume."""
-    run_file = out / "run.json"
-    if not run_file.exists():
-        return
-    old = json.loads(run_file.read_text())
-    if old == settings:
+    diff = settings_differ(out / "run.json", settings)
+    if diff is None:
         return
     if not overwrite:
-        diff = ", ".join(f"{k}: {old.get(k)!r} there, {settings.get(k)!r} now"
-                         for k in sorted(set(old) | set(settings)) if old.get(k) != settings.get(k))
         raise ValueError(f"{out} holds a run with other settings ({diff}); use another --out or --overwrite")
     shutil.rmtree(out / "cache", ignore_errors=True)
-    for name in ("run.json", "results.json"):
+    for name in ("run.json", "results.json", "vocab.json"):
         (out / name).unlink(missing_ok=True)
 
 
@@ -258,9 +264,13 @@ def format_table(results: dict) -> str:
 
 def cmd_eval(args) -> int:
     from . import distributed
-    from .commands.common import UsageError, build_segmenter, check_device, check_out_dir, resolve_model_args
-    from .datasets import DatasetError
+    from .commands.common import (UsageError, build_segmenter, build_vocabulary, check_device, check_out_dir,
+                                  resolve_model_args)
+    from .datasets import DatasetError, class_names
+    from .evaluate_vocab import (check_class_maps, format_open_vocab_table, name_dataset, score_open_vocab, start_naming,
+                                 vocab_settings)
     from .images import set_max_pixels
+    from .vocabulary import VocabularyConfig
 
     set_max_pixels(args.max_pixels)
     resolve_model_args(args)
@@ -268,17 +278,27 @@ def cmd_eval(args) -> int:
     args.device = shard.device(args.device)
     out = Path(args.out)
     settings = _settings(args)
+    if not args.open_vocab and (args.class_names or args.class_map_dir):
+        raise UsageError("--class-names and --class-map-dir apply with --open-vocab only")
     with shard.checked(UsageError, DatasetError, ValueError, raise_as=UsageError):
         dataset = SegmentationDataset(args.dataset, args.root, args.limit, args.subset)
+        names = class_names(args.dataset, args.class_names) if args.open_vocab else None
+        if args.class_map_dir is not None:
+            check_class_maps(Path(args.class_map_dir), [item[0] for item in dataset.items])
         check_device(args.device)
         if shard.is_main:  # one rank prepares the folder; the others learn its verdict
             check_out_dir(out)
             start_run(out, settings, overwrite=args.overwrite)
+            if names is not None:
+                start_naming(out, vocab_settings(names, VocabularyConfig()), overwrite=args.overwrite)
     seg = build_segmenter(args, progress=False)
     indices = shard.take(list(range(len(dataset))))
     try:
         segment_dataset(seg, dataset, out / "cache", indices, skip_bad=args.skip_bad, progress=not args.quiet,
                         desc=f"{shard.log_prefix()}eval {dataset.name}")
+        if names is not None:
+            name_dataset(build_vocabulary(names, seg, VocabularyConfig()), dataset, out / "cache", indices,
+                         seg.config.num_masks, progress=not args.quiet, desc=f"{shard.log_prefix()}name {dataset.name}")
     except KeyboardInterrupt:
         cached = len(list((out / "cache").glob("*.npz")))
         print(f"{shard.log_prefix()}interrupted: {cached} of {len(dataset)} images cached in {out / 'cache'}; "
@@ -291,8 +311,13 @@ def cmd_eval(args) -> int:
     results = {"settings": settings, "commit": _commit(),
                **score(dataset, out / "cache", matching=args.matching, seed=args.seed, device=args.device,
                        progress=not args.quiet)}
+    if names is not None:
+        results["open_vocab"] = score_open_vocab(dataset, out / "cache", names, seg.config.num_masks,
+                                                 class_map_dir=args.class_map_dir, progress=not args.quiet)
     atomic_write(out / "results.json", json.dumps(results, indent=1).encode())
     print(format_table(results))
+    if names is not None:
+        print(format_open_vocab_table(results["open_vocab"]))
     print(f"wrote {out / 'results.json'}")
     distributed.finish(shard)
     return 0

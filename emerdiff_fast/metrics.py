@@ -108,6 +108,26 @@ class UnsupervisedMIoU:
         return res
 
 
+class ClassMIoU:
+    """Named predictions (class ids, no matching) against the ground truth, over a data set:
+    one confusion matrix. A predicted id outside [0, num_classes) (a fallback name that is no
+    class of the data set, or a segment no class voted for, -1) counts as a miss."""
+
+    def __init__(self, num_classes: int, ignore_index: int = 255):
+        self.num_classes, self.ignore_index = num_classes, ignore_index
+        self.conf = np.zeros((num_classes + 1, num_classes), np.int64)  # last row: no class
+
+    def update(self, pred: np.ndarray, gt: np.ndarray) -> None:
+        c = self.num_classes
+        pred = np.asarray(pred).astype(np.int64)
+        pred = np.where((pred < 0) | (pred >= c), c, pred)
+        self.conf += confusion(pred, gt, c + 1, c, self.ignore_index)
+
+    def compute(self) -> MetricResult:
+        c = self.num_classes
+        return _class_scores(np.diag(self.conf[:c]).copy(), self.conf[:c].sum(1), self.conf.sum(0))
+
+
 def unsupervised_miou(preds, gts, num_classes: int, ignore_index: int = 255, matching: str = "dataset") -> MetricResult:
     """mIoU and pixel accuracy of unlabelled segmentations after Hungarian matching."""
     metric = UnsupervisedMIoU(num_classes, ignore_index, matching)

@@ -31,6 +31,18 @@ def atomic_write(path: Path, data: bytes) -> None:
         tmp.unlink(missing_ok=True)
 
 
+def settings_differ(run_file: Path, settings: dict) -> str | None:
+    """What differs between the settings a resumable run recorded in `run_file` and
+    `settings` ("key: old there, new now", ...); None when they agree or none were recorded."""
+    if not run_file.exists():
+        return None
+    old = json.loads(run_file.read_text())
+    if old == settings:
+        return None
+    return ", ".join(f"{k}: {old.get(k)!r} there, {settings.get(k)!r} now"
+                     for k in sorted(set(old) | set(settings)) if old.get(k) != settings.get(k))
+
+
 def _png(image: Image.Image) -> bytes:
     buf = io.BytesIO()
     image.save(buf, format="PNG")

@@ -9,7 +9,9 @@ pixels (`name_segments`). `combine` is the paper's other route (Table 3): each s
 the class of an external open-vocabulary segmenter's map that covers most of its pixels.
 
 Choices (all in VocabularyConfig, documented there): the prompt template, the timestep,
-the layers, the noise draws, the per-label normalisation, multi-token labels.
+the layers, the noise draws, the per-label normalisation, multi-token labels. Labels that
+do not fit one prompt of the text encoder are split over several (prompt_groups), run in
+the same UNet call.
 """
 from __future__ import annotations
 
@@ -21,7 +23,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .attention import _check_supported, _context, _finish, installed
+from .attention import installed, plain_attention
 from .config import ConfigError, layer_grid, layer_scale, size_multiple, vae_scale_factor
 from .images import load_image, processing_size, to_model_input
 from .result import SegmentationResult
@@ -38,7 +40,8 @@ class VocabularyConfig:
     joiner: str = " and "
     timestep: int = 100            # (choice) small: the latent is barely noised, the words' maps are sharp
     noise_draws: int = 4           # (choice) noise draws averaged, batched into one UNet call
-    draw_batch: int | None = None  # draws per UNet call (None: all at once)
+    draw_batch: int | None = None  # draws per UNet call (None: all at once); a call holds every prompt
+                                   # of the labels (prompt_groups), so its batch is draws x prompts
     scales: tuple[int, ...] = (16, 32)  # image pixels per layer position: SD's 32x32 and 16x16 at 512 px;
                                    # a model without such layers uses all its cross-attention outside the mid block
     token_reduce: str = "mean"     # a multi-token label: "mean" or "sum" of its tokens' probabilities
@@ -58,9 +61,9 @@ class VocabularyConfig:
             raise ConfigError("token_reduce must be mean or sum, normalize max or none")
 
 
-def prompt_tokens(tokenizer, labels: list[str], template: str, joiner: str) -> tuple[list[int], list[list[int]]]:
-    """The prompt's token ids (BOS, phrases, EOS, padding) and each label's token positions.
-    Built piece by piece, so the positions are exact (CLIP's BPE splits at spaces)."""
+def _prompt_ids(tokenizer, labels: list[str], template: str, joiner: str, warn: bool = False):
+    """Unpadded token ids (BOS, phrases, EOS) and each label's token positions. Built piece
+    by piece, so the positions are exact (CLIP's BPE splits at spaces)."""
     def ids(text: str) -> list[int]:
         return tokenizer(text.strip(), add_special_tokens=False).input_ids if text.strip() else []
 
@@ -71,17 +74,37 @@ def prompt_tokens(tokenizer, labels: list[str], template: str, joiner: str) -> t
             out += ids(joiner)
         out += ids(before)
         label_ids = ids(label)
-        if not label_ids or tokenizer.unk_token_id in label_ids:
+        if warn and (not label_ids or tokenizer.unk_token_id in label_ids):
             log.warning("label %r is unknown to this model's tokenizer: its heat map means little", label)
         spans.append(list(range(len(out), len(out) + len(label_ids))))
         out += label_ids + ids(after)
-    out.append(tokenizer.eos_token_id)
+    return out + [tokenizer.eos_token_id], spans
+
+
+def prompt_tokens(tokenizer, labels: list[str], template: str, joiner: str) -> tuple[list[int], list[list[int]]]:
+    """One prompt holding `labels`: its token ids padded to the text encoder's length, and
+    each label's token positions."""
+    out, spans = _prompt_ids(tokenizer, labels, template, joiner, warn=True)
     limit = tokenizer.model_max_length
     if len(out) > limit:
         raise ConfigError(f"{len(labels)} labels make a prompt of {len(out)} tokens; this text encoder takes "
                           f"{limit}: use fewer or shorter labels")
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     return out + [pad] * (limit - len(out)), spans
+
+
+def prompt_groups(tokenizer, labels: list[str], template: str, joiner: str) -> list[list[int]]:
+    """Label indices split, in order, into as few prompts as fit the text encoder (greedy):
+    with SD 1.5's tokenizer and the default template, ADE20K's 150 names take 7 prompts of
+    77 tokens, COCO-Stuff's 171 take 8, PASCAL-Context's 59 take 3 and its 459 take 21."""
+    groups, current = [], []
+    for i in range(len(labels)):
+        trial = [labels[j] for j in current + [i]]
+        if current and len(_prompt_ids(tokenizer, trial, template, joiner)[0]) > tokenizer.model_max_length:
+            groups.append(current)
+            current = []
+        current.append(i)
+    return groups + [current]
 
 
 def heat_layers(unet, vae_config, scales: tuple[int, ...]) -> list[str]:
@@ -94,22 +117,16 @@ def heat_layers(unet, vae_config, scales: tuple[int, ...]) -> list[str]:
 
 
 class _Recorder:
-    """diffusers' attention arithmetic, keeping the head-averaged probabilities (B, N, L)."""
+    """A layer left as it is, keeping its head-averaged probabilities (B, N, L)."""
 
     def __init__(self, name: str, store: dict):
         self.name, self.store = name, store
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, *args,
                  **kwargs):
-        _check_supported(attn, attention_mask)
-        context = _context(attn, hidden_states, encoder_hidden_states)
-        q = attn.head_to_batch_dim(attn.to_q(hidden_states))
-        k = attn.head_to_batch_dim(attn.to_k(context))
-        probs = attn.get_attention_scores(q, k)  # (B * heads, N, L)
-        b = hidden_states.shape[0]
-        self.store[self.name] = probs.float().view(b, attn.heads, *probs.shape[1:]).mean(1)
-        out = attn.batch_to_head_dim(torch.bmm(probs, attn.head_to_batch_dim(attn.to_v(context))))
-        return _finish(attn, attn.to_out[1](attn.to_out[0](out)), hidden_states)
+        out, probs = plain_attention(attn, hidden_states, encoder_hidden_states, attention_mask)
+        self.store[self.name] = probs.float().view(hidden_states.shape[0], attn.heads, *probs.shape[1:]).mean(1)
+        return out
 
 
 class Vocabulary:
@@ -124,12 +141,15 @@ class Vocabulary:
         self.resolution, self.keep_aspect = resolution, keep_aspect
         self.unet, self.vae = pipe.unet, pipe.vae
         self.layers = heat_layers(self.unet, self.vae.config, self.config.scales)
-        ids, self.spans = prompt_tokens(pipe.tokenizer, labels, self.config.template, self.config.joiner)
-        self.input_ids = ids
-        device = self.unet.device
+        cfg = self.config
+        # labels beyond one prompt's tokens go to further prompts, all run in the same UNet call
+        self.groups = prompt_groups(pipe.tokenizer, labels, cfg.template, cfg.joiner)
+        prompts = [prompt_tokens(pipe.tokenizer, [labels[i] for i in g], cfg.template, cfg.joiner) for g in self.groups]
+        self.input_ids = [ids for ids, _ in prompts]
+        self.spans = [spans for _, spans in prompts]  # per group, per label in it
         with torch.inference_mode():
-            self.context = pipe.text_encoder(torch.tensor([ids], device=pipe.text_encoder.device))[0]
-        self.context = self.context.to(device, self.unet.dtype)
+            self.context = pipe.text_encoder(torch.tensor(self.input_ids, device=pipe.text_encoder.device))[0]
+        self.context = self.context.to(self.unet.device, self.unet.dtype)  # (groups, L, D)
         self.multiple = size_multiple(self.unet.config, self.vae.config)
 
     @property
@@ -140,14 +160,14 @@ class Vocabulary:
 
     @torch.inference_mode()
     def heat_maps(self, image, size: tuple[int, int] | None = None) -> torch.Tensor:
-        """One image -> (labels, H, W) float32 heat maps at the image's size (or `size`)."""
+        """One image -> (labels, H, W) float32 heat maps at the image's size (or `size`), on the CPU."""
         im = load_image(image)
         proc = processing_size(im.size, self.resolution, self.multiple, self.keep_aspect)
         pixels = to_model_input(im, proc)[None].to(self.vae.device, self.vae.dtype)
         latent = (self.vae.encode(pixels).latent_dist.mean * self.vae.config.scaling_factor).float()
         maps = self.latent_heat_maps(latent.to(self.unet.device), proc)
         out = size or (im.size[1], im.size[0])
-        return F.interpolate(maps[None], size=out, mode="bilinear", align_corners=False)[0]
+        return F.interpolate(maps[None], size=out, mode="bilinear", align_corners=False)[0].cpu()
 
     def latent_heat_maps(self, latent: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
         """latent (1, C, h, w) of an image processed at size (H, W) -> (labels, H, W)."""
@@ -162,19 +182,21 @@ class Vocabulary:
         procs = dict(self.unet.attn_processors)
         for name in self.layers:
             procs[f"{name}.processor"] = _Recorder(name, store)
-        step = cfg.draw_batch or cfg.noise_draws
+        step, groups = cfg.draw_batch or cfg.noise_draws, len(self.groups)
         with installed(self.unet, procs):
-            for s in range(0, cfg.noise_draws, step):  # one UNet call per draw batch
+            for s in range(0, cfg.noise_draws, step):  # one UNet call per draw batch, every prompt in it
                 part = x[s:s + step]
-                self.unet(part, t, encoder_hidden_states=self.context.expand(part.shape[0], -1, -1))
-                for name in self.layers:
-                    totals[name] = totals[name] + store.pop(name).sum(0)
+                n = part.shape[0]
+                self.unet(part.repeat_interleave(groups, 0), t, encoder_hidden_states=self.context.repeat(n, 1, 1))
+                for name in self.layers:  # batch element d * groups + g: draw d, prompt g
+                    totals[name] = totals[name] + store.pop(name).unflatten(0, (n, groups)).sum(0)
         maps = []
+        reduce = (lambda p: p.mean(1)) if cfg.token_reduce == "mean" else (lambda p: p.sum(1))
         for name in self.layers:
-            probs = totals[name] / cfg.noise_draws  # (N, L)
+            probs = totals[name] / cfg.noise_draws  # (groups, N, L)
             gh, gw = layer_grid(self.unet.config, self.vae.config, size, name)
-            per_label = torch.stack([probs[:, span].mean(1) if cfg.token_reduce == "mean" else probs[:, span].sum(1)
-                                     for span in self.spans]).view(-1, 1, gh, gw)
+            per_label = torch.stack([reduce(probs[g][:, span]) for g, spans in enumerate(self.spans)
+                                     for span in spans]).view(-1, 1, gh, gw)  # in label order: groups are in order
             maps.append(F.interpolate(per_label, size=size, mode="bilinear", align_corners=False)[:, 0])
         heat = torch.stack(maps).mean(0)
         if cfg.normalize == "max":
@@ -199,6 +221,18 @@ def name_segments(segments: np.ndarray, heat: np.ndarray, threshold: float, fall
     scores = segment_scores(segments, heat, num_segments)
     best = scores.argmax(1)
     return np.where(scores.max(1) >= threshold, best, fallback)
+
+
+def named_maps(heat: np.ndarray, segmentations: dict[str, np.ndarray], threshold: float, fallback: int,
+               num_segments: int) -> dict[str, np.ndarray]:
+    """(L, H, W) heat and {method: (H, W) segment ids} -> {method: (H, W) class ids}, each
+    segment named by name_segments; and the baselines with no segments: "heat", the heat
+    maps' own per-pixel argmax, and "heat_threshold", the same with the naming rule's
+    threshold applied per pixel (the fallback where the best heat is under it)."""
+    out = {m: name_segments(s, heat, threshold, fallback, num_segments)[s] for m, s in segmentations.items()}
+    out["heat"] = heat.argmax(0)
+    out["heat_threshold"] = np.where(heat.max(0) >= threshold, out["heat"], fallback)
+    return out
 
 
 def combine(segments: np.ndarray, class_map: np.ndarray, num_segments: int | None = None,

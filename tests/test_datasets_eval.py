@@ -179,3 +179,25 @@ def test_pascal_context459_rejects_out_of_range_ids(tmp_path):
     Image.fromarray(bad).save(root / "VOCdevkit/VOC2010/annotations_detectron2/pc459_val/2008_000002.tif", "TIFF")
     with pytest.raises(DatasetError, match="holds id 459, outside 0..458 and not the ignore value 65535"):
         SegmentationDataset("pascal_context459", root)[0]
+
+
+def test_eval_open_vocab_on_ade20k_layout(tmp_path, capsys):
+    """`eval --open-vocab` on ADE20K's layout: the 150 shipped names, over several prompts of
+    the text encoder, one IoU per class; "background" (the fallback) is no ADE20K class."""
+    from emerdiff_fast.cli import main
+    from emerdiff_fast.datasets import class_names
+
+    root = make_fixture("ade20k", tmp_path / "ade")
+    args = ["eval", "--dataset", "ade20k", "--root", str(root), "--model", "tiny", "--masks", "3",
+            "--resolution", "64", "--feature-samples", "1", "--quiet", "--open-vocab", "--out", str(tmp_path / "e")]
+    assert main(args) == 0
+    assert "heat maps' per-pixel argmax" in capsys.readouterr().out
+    res = json.loads((tmp_path / "e/results.json").read_text())["open_vocab"]
+    assert res["images"] == 2 and res["class_names"] == class_names("ade20k")
+    for m in ("emerdiff", "naive", "heat", "heat_threshold"):
+        iou = res[m]["per_class_iou"]
+        assert len(iou) == 150 and 0 <= res[m]["pixel_accuracy"] <= 100
+        # the truth holds wall and sky only: every other class is absent or predicted (IoU 0)
+        assert all(v is None or v == 0 for i, v in enumerate(iou) if i not in (0, 2))
+    vocab = json.loads((tmp_path / "e/vocab.json").read_text())
+    assert vocab["class_names"] == class_names("ade20k") and vocab["vocabulary"]["fallback"] == "background"

@@ -71,3 +71,34 @@ def test_cli_defaults_to_mini_and_says_so(tmp_path, capsys):
     assert "no --model given: using the built-in mini model" in capsys.readouterr().err
     labels = np.asarray(Image.open(tmp_path / "out" / "scene.labels.png"))
     assert labels.shape == (64, 64) and labels.max() < 6  # the model's K and the input's size
+
+
+def test_named_segments_on_held_out_scenes(mini):
+    """Issue 20's check: EmerDiff's segments named by the mini model's label heat maps
+    (labels = the scenes' classes), class mIoU over these 8 scenes. Bound: NAMED_THRESHOLD."""
+    from emerdiff_fast.metrics import ClassMIoU
+    from emerdiff_fast.scenes import CLASSES
+    from emerdiff_fast.vocabulary import Vocabulary, named_maps
+
+    seg = EmerDiff(mini)
+    vocab = Vocabulary(mini, list(CLASSES), resolution=seg.config.resolution)
+    cfg, k = vocab.config, seg.config.num_masks
+    named, heat_only = ClassMIoU(len(CLASSES)), ClassMIoU(len(CLASSES))
+    for s in SEEDS:
+        scene = make_scene(s)
+        r = seg(scene.image)
+        heat = vocab.heat_maps(scene.image, size=r.labels.shape).numpy()
+        maps = named_maps(heat, {"emerdiff": r.labels}, cfg.threshold, vocab.class_names.index(cfg.fallback), k)
+        named.update(maps["emerdiff"], scene.classes)
+        heat_only.update(maps["heat"], scene.classes)
+    score, heat_score = named.compute().miou, heat_only.compute().miou
+    print(f"class mIoU on 8 held-out scenes: EmerDiff named {score:.1f}, heat argmax {heat_score:.1f}")
+    assert score > NAMED_THRESHOLD
+
+
+# Measured on these 8 scenes (shipped model, CPU fp32, 2026-12-01): EmerDiff named 5.4, heat
+# argmax 6.3 (percent). The bound sits 2.4 below: a segment whose name flips moves a few tenths,
+# CPU rounding moves a few pixels. It guards the naming path (prompt, layers, rule) against
+# breaking, not a useful quality: the mini model's cross-attention does not localise its
+# words (benchmarks/RESULTS.md), so the issue's expected win over the heat maps is not asserted.
+NAMED_THRESHOLD = 3.0

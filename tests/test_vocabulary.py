@@ -1,5 +1,5 @@
 """Label heat maps from cross-attention, the naming rule and the paper's combination rule
-(issue 20, first part: the API; the command line and evaluation are not built yet)."""
+(issue 20): prompts, layers, batching, and the rules on cases known by hand."""
 import numpy as np
 import pytest
 import torch
@@ -173,3 +173,35 @@ def test_cli_class_map(tmp_path):
     assert main(["segment", *bad, "--class-map", str(maps), "--labels", "a", *args]) == 2
     (maps / "s.npz").unlink()
     assert main(["segment", *bad, "--class-map", str(maps), *args]) == 1  # that image fails, said in one line
+
+
+COLOUR_SHAPES = [f"{c} {k}" for c in ("red", "green", "blue", "yellow", "purple", "orange", "cyan", "white",
+                                       "black", "pink") for k in ("disc", "rectangle", "triangle")] + ["background"]
+
+
+def test_prompt_groups_fit_in_order_and_are_greedy(mini):
+    from emerdiff_fast.vocabulary import _prompt_ids, prompt_groups
+
+    tok = mini.tokenizer
+    groups = prompt_groups(tok, COLOUR_SHAPES, "a {}", " and ")
+    assert len(groups) > 1 and sum(groups, []) == list(range(len(COLOUR_SHAPES)))
+    for a, b in zip(groups, groups[1:]):
+        fits = [COLOUR_SHAPES[i] for i in a]
+        assert len(_prompt_ids(tok, fits, "a {}", " and ")[0]) <= tok.model_max_length
+        # greedy: the next group's first label would not have fitted
+        assert len(_prompt_ids(tok, fits + [COLOUR_SHAPES[b[0]]], "a {}", " and ")[0]) > tok.model_max_length
+    assert prompt_groups(tok, ["disc", "triangle"], "a {}", " and ") == [[0, 1]]
+
+
+def test_labels_over_several_prompts_equal_each_prompt_alone(mini):
+    """31 colour+shape labels overflow the mini text encoder's 24 tokens: the prompts run in
+    one UNet call, and each label's map equals that of a Vocabulary holding its prompt only."""
+    image = torch.rand(3, 64, 64, generator=torch.Generator().manual_seed(2))
+    cfg = VocabularyConfig(noise_draws=2, normalize="none")
+    together = Vocabulary(mini, COLOUR_SHAPES, cfg, resolution=64)
+    assert len(together.groups) > 1 and together.context.shape[0] == len(together.groups)
+    heat = together.heat_maps(image)
+    assert heat.shape == (len(COLOUR_SHAPES), 64, 64)
+    for g in (together.groups[0], together.groups[-1]):
+        alone = Vocabulary(mini, [COLOUR_SHAPES[i] for i in g], cfg, resolution=64).heat_maps(image)
+        assert torch.allclose(heat[g], alone, rtol=1e-4, atol=1e-7)

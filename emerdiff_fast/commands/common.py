@@ -168,3 +168,12 @@ def build_segmenter(args, progress: bool = False):
     options = FastOptions(channels_last=True) if args.channels_last else None
     return EmerDiff(pipe, config, backend=args.backend, compile=args.compile_mode if args.compile else False,
                     max_batch=args.max_batch, options=options, progress=progress)
+
+
+def build_vocabulary(labels: list[str] | None, seg, config=None):
+    """The label heat maps' Vocabulary at the segmenter's processing size (None: no labels)."""
+    from ..vocabulary import Vocabulary
+
+    if labels is None:
+        return None
+    return Vocabulary(seg.pipe, labels, config, resolution=seg.config.resolution, keep_aspect=seg.config.keep_aspect)

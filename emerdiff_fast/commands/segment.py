@@ -15,7 +15,8 @@ from pathlib import Path
 import torch
 
 from ..output import DEFAULT_FORMATS
-from .common import UsageError, add_model_args, build_segmenter, check_device, check_out_dir, resolve_model_args
+from .common import (UsageError, add_model_args, build_segmenter, build_vocabulary, check_device, check_out_dir,
+                     resolve_model_args)
 
 log = logging.getLogger("emerdiff_fast")
 
@@ -190,14 +191,6 @@ def load_class_map(args, name: str):
         return read_class_map(found[0], args.class_names)
     except (OSError, ValueError) as exc:
         raise ClassMapError(f"class map {found[0]}: {exc}") from None
-
-
-def build_vocabulary(labels: list[str] | None, seg):
-    from ..vocabulary import Vocabulary
-
-    if labels is None:
-        return None
-    return Vocabulary(seg.pipe, labels, resolution=seg.config.resolution, keep_aspect=seg.config.keep_aspect)
 
 
 def add_parser(sub, fmt) -> None:
