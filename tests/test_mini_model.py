@@ -84,16 +84,21 @@ def test_named_segments_on_held_out_scenes(mini):
     vocab = Vocabulary(mini, list(CLASSES), resolution=seg.config.resolution)
     cfg, k = vocab.config, seg.config.num_masks
     named, heat_only = ClassMIoU(len(CLASSES)), ClassMIoU(len(CLASSES))
+    used = set()
     for s in SEEDS:
         scene = make_scene(s)
         r = seg(scene.image)
         heat = vocab.heat_maps(scene.image, size=r.labels.shape).numpy()
         maps = named_maps(heat, {"emerdiff": r.labels}, cfg.threshold, vocab.class_names.index(cfg.fallback), k)
         named.update(maps["emerdiff"], scene.classes)
+        used |= set(np.unique(maps["emerdiff"]).tolist())
         heat_only.update(maps["heat"], scene.classes)
     score, heat_score = named.compute().miou, heat_only.compute().miou
     print(f"class mIoU on 8 held-out scenes: EmerDiff named {score:.1f}, heat argmax {heat_score:.1f}")
     assert score > NAMED_THRESHOLD
+    # every label names some segment (measured: 8, 8, 22 and 10 of the 48): a naming that
+    # collapses (identical maps, e.g. every label reading the same token) names them all alike
+    assert used == set(range(len(CLASSES)))
 
 
 # Measured on these 8 scenes (shipped model, CPU fp32, 2026-12-01): EmerDiff named 5.4, heat
