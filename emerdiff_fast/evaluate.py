@@ -72,6 +72,9 @@ def add_parser(sub, formatter_class=None) -> None:
                    help="with --open-vocab: an external segmenter's predictions in the data set's class ids, "
                         "DIR/NAME.npz (class_map) or DIR/NAME.png, scored alone and combined with the segments "
                         "(the paper's overlap rule)")
+    p.add_argument("--draw-batch", type=positive_int, default=None, metavar="N",
+                   help="with --open-vocab: noise draws per heat-map UNet call (default: all 4; each call holds "
+                        "draws x prompts images, 84 for PASCAL-Context-459: 1 bounds it to 21)")
     p.add_argument("--quiet", action="store_true")
     add_model_args(p)
     p.set_defaults(func=cmd_eval)
@@ -278,8 +281,9 @@ def cmd_eval(args) -> int:
     args.device = shard.device(args.device)
     out = Path(args.out)
     settings = _settings(args)
-    if not args.open_vocab and (args.class_names or args.class_map_dir):
-        raise UsageError("--class-names and --class-map-dir apply with --open-vocab only")
+    if not args.open_vocab and (args.class_names or args.class_map_dir or args.draw_batch):
+        raise UsageError("--class-names, --class-map-dir and --draw-batch apply with --open-vocab only")
+    vocab_config = VocabularyConfig(draw_batch=args.draw_batch)
     with shard.checked(UsageError, DatasetError, ValueError, raise_as=UsageError):
         dataset = SegmentationDataset(args.dataset, args.root, args.limit, args.subset)
         names = class_names(args.dataset, args.class_names) if args.open_vocab else None
@@ -290,14 +294,14 @@ def cmd_eval(args) -> int:
             check_out_dir(out)
             start_run(out, settings, overwrite=args.overwrite)
             if names is not None:
-                start_naming(out, vocab_settings(names, VocabularyConfig()), overwrite=args.overwrite)
+                start_naming(out, vocab_settings(names, vocab_config), overwrite=args.overwrite)
     seg = build_segmenter(args, progress=False)
     indices = shard.take(list(range(len(dataset))))
     try:
         segment_dataset(seg, dataset, out / "cache", indices, skip_bad=args.skip_bad, progress=not args.quiet,
                         desc=f"{shard.log_prefix()}eval {dataset.name}")
         if names is not None:
-            name_dataset(build_vocabulary(names, seg, VocabularyConfig()), dataset, out / "cache", indices,
+            name_dataset(build_vocabulary(names, seg, vocab_config), dataset, out / "cache", indices,
                          seg.config.num_masks, progress=not args.quiet, desc=f"{shard.log_prefix()}name {dataset.name}")
     except KeyboardInterrupt:
         cached = len(list((out / "cache").glob("*.npz")))

@@ -36,9 +36,10 @@ COMBINED = ("class_map", "emerdiff+class_map", "naive+class_map")
 
 
 def vocab_settings(names: list[str], config: VocabularyConfig) -> dict:
-    """As recorded in vocab.json (JSON types, so a reread compares equal)."""
-    return json.loads(json.dumps({"class_names": names, "vocabulary": dataclasses.asdict(config),
-                                  "vocab_version": VOCAB_VERSION}))
+    """As recorded in vocab.json (JSON types, so a reread compares equal). draw_batch is left
+    out: it changes the memory, not the maps (batched draws equal one-by-one, tested)."""
+    vocabulary = {k: v for k, v in dataclasses.asdict(config).items() if k != "draw_batch"}
+    return json.loads(json.dumps({"class_names": names, "vocabulary": vocabulary, "vocab_version": VOCAB_VERSION}))
 
 
 def name_dataset(vocabulary: Vocabulary, dataset: SegmentationDataset, cache: Path, indices: list[int],

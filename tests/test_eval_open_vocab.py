@@ -62,8 +62,8 @@ def test_eval_open_vocab_on_shapes(tmp_path, capsys):
     assert len(named) == 3
     stamps = [f.stat().st_mtime_ns for f in named]
 
-    # a rerun resumes: nothing named again, the same scores
-    assert main(_args(root, tmp_path / "e", "--class-map-dir", str(ext))) == 0
+    # a rerun resumes: nothing named again, the same scores (--draw-batch changes memory only)
+    assert main(_args(root, tmp_path / "e", "--class-map-dir", str(ext), "--draw-batch", "1")) == 0
     assert [f.stat().st_mtime_ns for f in named] == stamps
     again = json.loads((tmp_path / "e" / "results.json").read_text())["open_vocab"]
     assert again["emerdiff"] == res["emerdiff"]
@@ -93,5 +93,7 @@ def test_eval_open_vocab_bad_input(tmp_path, capsys):
     assert "4 classes, the names list 2" in capsys.readouterr().err
     base = [a for a in _args(root, tmp_path / "e") if a != "--open-vocab"]
     assert main(base + ["--class-names", str(short)]) == 2
+    assert "with --open-vocab only" in capsys.readouterr().err
+    assert main(base + ["--draw-batch", "2"]) == 2
     assert "with --open-vocab only" in capsys.readouterr().err
     assert not (tmp_path / "e" / "cache").exists() or not list((tmp_path / "e" / "cache").glob("*.npz"))
