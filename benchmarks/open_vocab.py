@@ -7,7 +7,7 @@
 Labels "background, disc, rectangle, triangle" (the scenes' classes), or with
 --labels colour-shape the 30 "red disc" ... "pink triangle" and "background" (31 labels over
 two prompts of the mini text encoder; the truth is each instance's colour and shape). Class
-mIoU over the set (one confusion matrix, metrics.ClassMIoU) of three named segmentations:
+mIoU over the set (one confusion matrix, metrics.ClassMIoU) of five segmentations:
   emerdiff  EmerDiff's segments named by the naming rule (vocabulary.name_segments)
   naive     the same k-means masks, bilinearly upsampled, named by the same rule
   heat      the heat maps' own per-pixel argmax (no segments)
