@@ -32,10 +32,8 @@ from emerdiff_fast import EmerDiff, load_pipeline
 from emerdiff_fast.maps import naive_upsample
 from emerdiff_fast.metrics import ClassMIoU
 from emerdiff_fast.output import palette
-from emerdiff_fast.scenes import CLASSES, COLOURS, HELDOUT_SEEDS, make_scene
+from emerdiff_fast.scenes import CLASSES, COLOUR_SHAPE_LABELS, HELDOUT_SEEDS, make_scene
 from emerdiff_fast.vocabulary import Vocabulary, VocabularyConfig, named_maps
-
-COLOUR_SHAPES = [f"{c} {k}" for c in COLOURS for k in CLASSES[1:]] + ["background"]
 
 
 def truth(scene, labels: list[str]) -> np.ndarray:
@@ -58,7 +56,7 @@ def main(argv=None) -> int:
     torch.manual_seed(0)
     pipe = load_pipeline("mini")
     seg = EmerDiff(pipe)
-    labels = list(CLASSES) if args.labels == "classes" else COLOUR_SHAPES
+    labels = list(CLASSES if args.labels == "classes" else COLOUR_SHAPE_LABELS)
     vocab = Vocabulary(pipe, labels, VocabularyConfig(threshold=args.threshold), resolution=seg.config.resolution)
     cfg, k = vocab.config, seg.config.num_masks
     fallback = vocab.class_names.index(cfg.fallback)

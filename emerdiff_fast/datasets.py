@@ -74,6 +74,11 @@ class DatasetError(ValueError):
 NAMED_DATASETS = ("ade20k", "cocostuff171", "pascal_context59", "pascal_context459", "shapes")
 
 
+def read_names(path: str | Path) -> list[str]:
+    """A names file: one name per line, surrounding blanks and empty lines dropped."""
+    return [line.strip() for line in Path(path).read_text().splitlines() if line.strip()]
+
+
 def class_names(name: str, names_file: str | Path | None = None) -> list[str]:
     """The data set's class names in id order, or the lines of `names_file` (any data set);
     the count must equal the data set's number of classes."""
@@ -81,14 +86,13 @@ def class_names(name: str, names_file: str | Path | None = None) -> list[str]:
         path = Path(names_file)
         if not path.is_file():
             raise DatasetError(f"class-names file {path} not found")
-        names = [line.strip() for line in path.read_text().splitlines() if line.strip()]
+        names = read_names(path)
     elif name == "shapes":
         from .scenes import CLASSES
 
         names = list(CLASSES)
     elif name in NAMED_DATASETS:
-        names = (Path(__file__).parent / "class_names" / f"{name}.txt").read_text().split("\n")
-        names = [n for n in names if n]
+        names = read_names(Path(__file__).parent / "class_names" / f"{name}.txt")
     else:
         raise DatasetError(f"no class names ship for {name} (they do for {', '.join(NAMED_DATASETS)}): "
                            "give them with --class-names FILE, one per line in class-id order")

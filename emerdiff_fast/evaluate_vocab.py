@@ -27,7 +27,7 @@ import numpy as np
 from .datasets import SegmentationDataset
 from .metrics import ClassMIoU
 from .output import atomic_write, npz_bytes, settings_differ
-from .vocabulary import Vocabulary, VocabularyConfig, combine, named_maps, read_class_map
+from .vocabulary import Vocabulary, VocabularyConfig, combine, find_class_map, named_maps, read_class_map
 
 log = logging.getLogger("emerdiff_fast")
 VOCAB_VERSION = 1  # bump when NAME.vocab.npz changes: an old one is then refused
@@ -70,21 +70,20 @@ def check_class_maps(folder: Path, names: list[str]) -> None:
     """Before any work: the folder exists and holds a class map for every image."""
     if not folder.is_dir():
         raise ValueError(f"--class-map-dir {folder} is not a folder")
-    missing = [n for n in names if not any((folder / f"{n}{s}").is_file() for s in (".npz", ".png"))]
+    missing = [n for n in names if find_class_map(folder, n) is None]
     if missing:
         raise ValueError(f"{len(missing)} of {len(names)} images have no class map in {folder} "
                          f"(first: {missing[0]}.npz or .png)")
 
 
 def _external(folder: Path, name: str, shape: tuple[int, int]) -> np.ndarray:
-    for suffix in (".npz", ".png"):
-        path = folder / f"{name}{suffix}"
-        if path.is_file():
-            class_map, _ = read_class_map(path)
-            if class_map.shape != shape:
-                raise ValueError(f"class map {path} is {class_map.shape}, the image's label map {shape}")
-            return class_map
-    raise FileNotFoundError(f"no class map for {name} in {folder} (expected {name}.npz or {name}.png)")
+    path = find_class_map(folder, name)
+    if path is None:
+        raise FileNotFoundError(f"no class map for {name} in {folder} (expected {name}.npz or {name}.png)")
+    class_map, _ = read_class_map(path)
+    if class_map.shape != shape:
+        raise ValueError(f"class map {path} is {class_map.shape}, the image's label map {shape}")
+    return class_map
 
 
 def score_open_vocab(dataset: SegmentationDataset, cache: Path, names: list[str], num_segments: int, *,

@@ -34,6 +34,9 @@ COLOURS = {
     "purple": (130, 40, 170), "orange": (245, 140, 20), "cyan": (30, 210, 220), "white": (250, 250, 250),
     "black": (15, 15, 15), "pink": (245, 130, 190),
 }
+# every colour+shape phrase a caption can hold, then "background": the open-vocabulary labels
+# that name instances, not only classes (benchmarks/open_vocab.py --labels colour-shape)
+COLOUR_SHAPE_LABELS = tuple(f"{c} {k}" for c in COLOURS for k in CLASSES[1:]) + ("background",)
 BACKGROUNDS = {"flat": "plain", "gradient": "gradient", "stripes": "striped", "noise": "noisy"}
 SIZE_RANGE = (0.12, 0.45)      # shape extent as a share of the image side
 MAX_SHAPES = 4

@@ -25,6 +25,7 @@ import torch.nn.functional as F
 
 from .attention import installed, plain_attention
 from .config import ConfigError, layer_grid, layer_scale, size_multiple, vae_scale_factor
+from .datasets import read_names
 from .images import load_image, processing_size, to_model_input
 from .result import SegmentationResult
 from .sampling import alphas_cumprod, noise_to
@@ -61,23 +62,24 @@ class VocabularyConfig:
             raise ConfigError("token_reduce must be mean or sum, normalize max or none")
 
 
+def _piece_ids(tokenizer, text: str) -> list[int]:
+    return tokenizer(text.strip(), add_special_tokens=False).input_ids if text.strip() else []
+
+
 def _prompt_ids(tokenizer, labels: list[str], template: str, joiner: str, warn: bool = False):
     """Unpadded token ids (BOS, phrases, EOS) and each label's token positions. Built piece
     by piece, so the positions are exact (CLIP's BPE splits at spaces)."""
-    def ids(text: str) -> list[int]:
-        return tokenizer(text.strip(), add_special_tokens=False).input_ids if text.strip() else []
-
     before, _, after = template.partition("{}")
     out, spans = [tokenizer.bos_token_id], []
     for i, label in enumerate(labels):
         if i:
-            out += ids(joiner)
-        out += ids(before)
-        label_ids = ids(label)
+            out += _piece_ids(tokenizer, joiner)
+        out += _piece_ids(tokenizer, before)
+        label_ids = _piece_ids(tokenizer, label)
         if warn and (not label_ids or tokenizer.unk_token_id in label_ids):
             log.warning("label %r is unknown to this model's tokenizer: its heat map means little", label)
         spans.append(list(range(len(out), len(out) + len(label_ids))))
-        out += label_ids + ids(after)
+        out += label_ids + _piece_ids(tokenizer, after)
     return out + [tokenizer.eos_token_id], spans
 
 
@@ -97,12 +99,17 @@ def prompt_groups(tokenizer, labels: list[str], template: str, joiner: str) -> l
     """Label indices split, in order, into as few prompts as fit the text encoder (greedy):
     with SD 1.5's tokenizer and the default template, ADE20K's 150 names take 7 prompts of
     77 tokens, COCO-Stuff's 171 take 8, PASCAL-Context's 59 take 3 and its 459 take 21."""
-    groups, current = [], []
-    for i in range(len(labels)):
-        trial = [labels[j] for j in current + [i]]
-        if current and len(_prompt_ids(tokenizer, trial, template, joiner)[0]) > tokenizer.model_max_length:
+    # a prompt is built piece by piece (_prompt_ids), so its length is the sum of its pieces'
+    before, _, after = template.partition("{}")
+    phrase = len(_piece_ids(tokenizer, before)) + len(_piece_ids(tokenizer, after))
+    join = len(_piece_ids(tokenizer, joiner))
+    groups, current, length = [], [], 2  # BOS and EOS
+    for i, label in enumerate(labels):
+        extra = phrase + len(_piece_ids(tokenizer, label))
+        if current and length + join + extra > tokenizer.model_max_length:
             groups.append(current)
-            current = []
+            current, length = [], 2
+        length += extra + (join if current else 0)
         current.append(i)
     return groups + [current]
 
@@ -260,6 +267,15 @@ def name_result(result: SegmentationResult, vocabulary: Vocabulary, image) -> Se
     return dataclasses.replace(result, class_names=names, segment_labels=labels.astype(np.int32))
 
 
+def find_class_map(folder, name: str):
+    """FOLDER/NAME.npz, else FOLDER/NAME.png, the class map of the image called `name`;
+    None when neither is there."""
+    from pathlib import Path
+
+    found = [Path(folder) / f"{name}{suffix}" for suffix in (".npz", ".png")]
+    return next((f for f in found if f.is_file()), None)
+
+
 def read_class_map(path, names_file=None) -> tuple[np.ndarray, list[str]]:
     """An external segmenter's output: an npz with `class_map` (H, W) ids and `class_names`,
     or a PNG of ids (palette or grey) with its names one per line in `names_file` (without
@@ -281,7 +297,7 @@ def read_class_map(path, names_file=None) -> tuple[np.ndarray, list[str]]:
         class_map = np.asarray(Image.open(path))
         names = None
     if names_file is not None:
-        names = [line.strip() for line in Path(names_file).read_text().splitlines() if line.strip()]
+        names = read_names(names_file)
     if class_map.ndim != 2 or not np.issubdtype(class_map.dtype, np.integer) or class_map.min(initial=0) < 0:
         raise ValueError(f"class map {path} must be an (H, W) array of non-negative integer ids")
     n = int(class_map.max(initial=0)) + 1

@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from emerdiff_fast.config import ConfigError
+from emerdiff_fast.scenes import COLOUR_SHAPE_LABELS
 from emerdiff_fast.vocabulary import (Vocabulary, VocabularyConfig, combine, heat_layers, name_segments,
                                       prompt_tokens, segment_scores)
 
@@ -175,8 +176,7 @@ def test_cli_class_map(tmp_path):
     assert main(["segment", *bad, "--class-map", str(maps), *args]) == 1  # that image fails, said in one line
 
 
-COLOUR_SHAPES = [f"{c} {k}" for c in ("red", "green", "blue", "yellow", "purple", "orange", "cyan", "white",
-                                       "black", "pink") for k in ("disc", "rectangle", "triangle")] + ["background"]
+COLOUR_SHAPES = list(COLOUR_SHAPE_LABELS)
 
 
 def test_prompt_groups_fit_in_order_and_are_greedy(mini):

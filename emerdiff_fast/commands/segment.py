@@ -14,6 +14,7 @@ from pathlib import Path
 
 import torch
 
+from ..datasets import read_names
 from ..output import DEFAULT_FORMATS
 from .common import (UsageError, add_model_args, build_segmenter, build_vocabulary, check_device, check_out_dir,
                      resolve_model_args)
@@ -149,7 +150,7 @@ def read_labels(args) -> list[str] | None:
         path = Path(args.labels_file)
         if not path.is_file():
             raise UsageError(f"--labels-file {path} not found")
-        labels = [line.strip() for line in path.read_text().splitlines() if line.strip()]
+        labels = read_names(path)
     elif args.labels:
         labels = [label.strip() for label in args.labels.split(",") if label.strip()]
     else:
@@ -181,16 +182,16 @@ def check_class_map(args, images: int) -> None:
 def load_class_map(args, name: str):
     """(class map, class names) of the image with output name `name`: --class-map itself,
     or FOLDER/NAME.npz or .png."""
-    from ..vocabulary import read_class_map
+    from ..vocabulary import find_class_map, read_class_map
 
     root = Path(args.class_map)
-    found = [root] if root.is_file() else [root / (name + s) for s in (".npz", ".png") if (root / (name + s)).is_file()]
-    if not found:
+    found = root if root.is_file() else find_class_map(root, name)
+    if found is None:
         raise ClassMapError(f"no class map {root / name}.npz or .png")
     try:
-        return read_class_map(found[0], args.class_names)
+        return read_class_map(found, args.class_names)
     except (OSError, ValueError) as exc:
-        raise ClassMapError(f"class map {found[0]}: {exc}") from None
+        raise ClassMapError(f"class map {found}: {exc}") from None
 
 
 def add_parser(sub, fmt) -> None:
