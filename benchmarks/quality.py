@@ -8,7 +8,7 @@
    cache holding, per scene, EmerDiff's labels and the naive baseline's (the same k-means
    masks, bilinearly upsampled).
 2. Per-image instance scores from that cache (metrics.instance_scores): many-to-one mIoU,
-   Hungarian mIoU, boundary F1 within 1 px.
+   Hungarian mIoU, boundary F1 within 1 px; over all scenes and by background kind.
 3. `--fidelity`: every approximation, as many-to-one mIoU and as label agreement with the
    exact float32 fast path (segment ids matched one-to-one by overlap first, since a
    changed k-means may number the same segments differently).
@@ -54,17 +54,26 @@ def run_eval(root: Path, out: Path, model: str) -> dict:
     return json.loads((out / "eval" / "results.json").read_text())
 
 
-def instance_table(seeds, cache: Path) -> tuple[dict, dict]:
+def instance_table(seeds, cache: Path) -> tuple[dict, dict, dict]:
+    """Per-image instance scores from eval's cache: their means over all scenes, the label
+    maps, and the means by background kind (where EmerDiff and naive differ most)."""
     per = {"emerdiff": [], "naive": []}
     labels = {"emerdiff": [], "naive": []}
+    backgrounds = []
     for s in seeds:
         scene = make_scene(s)
+        backgrounds.append(scene.background)
         with np.load(cache / f"{scene.id}.npz") as f:
             for m in per:
                 per[m].append(instance_scores(f[m], scene.instances))
                 labels[m].append(f[m])
     table = {m: {k: _mean_se([p[k] for p in rows]) for k in rows[0]} for m, rows in per.items()}
-    return table, labels
+    by_background = {}
+    for kind in sorted(set(backgrounds)):
+        idx = [i for i, b in enumerate(backgrounds) if b == kind]
+        by_background[kind] = {"n": len(idx), **{m: {k: float(np.mean([rows[i][k] for i in idx])) for k in rows[0]}
+                                                  for m, rows in per.items()}}
+    return table, labels, by_background
 
 
 FIDELITY = {  # name -> (EmerDiffConfig changes, dtype, backend)
@@ -145,8 +154,9 @@ def main(argv=None) -> int:
         write_dataset(root, args.n, HELDOUT_SEEDS.start)
     start = time.perf_counter()
     protocols = run_eval(root, out, args.model)
-    table, labels = instance_table(seeds, out / "eval" / "cache")
+    table, labels, by_background = instance_table(seeds, out / "eval" / "cache")
     result = {"model": args.model, "scenes": args.n, "seeds": [seeds[0], seeds[-1]], "instance": table,
+              "by_background": by_background,
               "protocols": {m: {k: protocols[m][k]["miou"] for k in protocols[m] if isinstance(protocols[m][k], dict)
                                 and "miou" in protocols[m][k]} for m in ("emerdiff", "naive")},
               "eval_s": time.perf_counter() - start}

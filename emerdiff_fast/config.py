@@ -139,8 +139,8 @@ def layer_grid(unet_config, vae_config, size: tuple[int, int], layer: str) -> tu
 
 
 # Speed presets (approximate, off by default): each trades fidelity to the exact method for
-# time. Label agreement with the exact path on the mini model's held-out scenes
-# (benchmarks/quality.py): grid25 93%, decode-fast 64%, fastest 69%; real SD unmeasured.
+# time. Label agreement with the exact path on the mini model's held-out scenes at its own
+# settings (benchmarks/quality.py): grid25 90%, decode-fast 86%, fastest 81%; real SD unmeasured.
 SPEED_PRESETS = {
     "exact": {},
     "grid25": {"num_inference_steps": 25},                       # 8 steps from t = 281 instead of 15

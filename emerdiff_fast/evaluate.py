@@ -83,7 +83,10 @@ def add_parser(sub, formatter_class=None) -> None:
 def _settings(args) -> dict:
     keys = ("dataset", "subset", "model", "random_init", "dtype", "backend", "masks", "lam", "seed", "resolution",
             "keep_aspect", "feature_samples", "preset", "limit")
-    return {**{k: getattr(args, k) for k in keys}, "cache_version": CACHE_VERSION}
+    # model_settings: what the model's emerdiff.json sets beyond the options (e.g. the mini
+    # model's t_modulate), so a cache made before the model's settings changed is refused too
+    return {**{k: getattr(args, k) for k in keys}, "model_settings": getattr(args, "model_settings", {}),
+            "cache_version": CACHE_VERSION}
 
 
 def check_run(out: Path, settings: dict, overwrite: bool = False) -> None:

@@ -130,7 +130,7 @@ class EmerDiff:
         if self.config.approximate:
             log.warning("approximate settings (%s): faster, less exact. Label agreement with the exact method, "
                         "measured on the mini model only (30 held-out generated scenes; real SD unmeasured): "
-                        "grid25 93%%, decode-fast 64%%, fastest 69%% (benchmarks/RESULTS.md)", ", ".join(
+                        "grid25 90%%, decode-fast 86%%, fastest 81%% (benchmarks/RESULTS.md)", ", ".join(
                             f"{k}={getattr(self.config, k)}" for k in ("num_inference_steps", "decode_dtype",
                                                                        "decode_scale")))
         self.vae_decode = self.decode_vae.decode

@@ -56,6 +56,29 @@ def test_recommended_settings_from_a_model_folder(tiny_pipe, tmp_path):
         recommended_settings(tmp_path)
 
 
+def test_eval_refuses_a_cache_made_at_other_model_settings(tmp_path):
+    """A model's own settings beyond the CLI options (the mini model's t_modulate) are part
+    of eval's run.json: a cache made before they changed is refused, not mixed in."""
+    from emerdiff_fast.cli import make_parser
+    from emerdiff_fast.commands.common import resolve_model_args
+    from emerdiff_fast.evaluate import _settings, start_run
+
+    model = tmp_path / "model"
+    model.mkdir()
+    argv = ["eval", "--dataset", "shapes", "--root", str(tmp_path), "--model", str(model), "--out", str(tmp_path / "out")]
+
+    def settings(t_modulate):
+        (model / "emerdiff.json").write_text(json.dumps({"resolution": 64, "t_modulate": t_modulate}))
+        args = make_parser().parse_args(argv)
+        resolve_model_args(args)
+        return _settings(args)
+
+    start_run(tmp_path / "out", settings(481))
+    start_run(tmp_path / "out", settings(481))  # same settings: resumes
+    with pytest.raises(ValueError, match=r"model_settings: \{'t_modulate': 481\} there, \{'t_modulate': 881\} now"):
+        start_run(tmp_path / "out", settings(881))
+
+
 def test_training_smoke_losses_fall_and_the_checkpoint_resumes(tmp_path):
     from emerdiff_fast.mini.train import TrainConfig, train
 

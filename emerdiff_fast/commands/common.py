@@ -76,8 +76,8 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--channels-last", action="store_true", help="fast backend: NHWC convolutions")
     p.add_argument("--preset", default="exact",
                    help="speed preset: exact, grid25 (25-step grid), decode-fast (bf16 half-resolution "
-                        "decode), fastest (both); all but exact are approximate: label agreement with exact 93%%, 64%%, "
-                        "69%% on the mini model's held-out scenes (real SD unmeasured)")
+                        "decode), fastest (both); all but exact are approximate: label agreement with exact 90%%, 86%%, "
+                        "81%% on the mini model's held-out scenes (real SD unmeasured)")
     p.add_argument("--max-pixels", type=int, default=None,
                    help="largest image opened, in pixels (default: Pillow's decompression-bomb limit, 89.5 M)")
 
