@@ -26,12 +26,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
 
 from emerdiff_fast import EmerDiff, load_pipeline
 from emerdiff_fast.maps import naive_upsample
 from emerdiff_fast.metrics import ClassMIoU
-from emerdiff_fast.output import palette
+from emerdiff_fast.output import palette, tile_grid
 from emerdiff_fast.scenes import CLASSES, COLOUR_SHAPE_LABELS, HELDOUT_SEEDS, make_scene
 from emerdiff_fast.vocabulary import Vocabulary, VocabularyConfig, named_maps
 
@@ -74,8 +73,7 @@ def main(argv=None) -> int:
         for m, pred in preds.items():
             scores[m].update(pred, gt)
         if len(grid) < 8:
-            grid.append(np.concatenate([scene.image] + [palette()[x] for x in (preds["heat"], preds["naive"],
-                                                                             preds["emerdiff"], gt)], 1))
+            grid.append([scene.image] + [palette()[x] for x in (preds["heat"], preds["naive"], preds["emerdiff"], gt)])
     out = {}
     for m, score in scores.items():
         res = score.compute()  # percent
@@ -86,8 +84,7 @@ def main(argv=None) -> int:
     folder = Path(args.out)
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "open_vocab.json").write_text(json.dumps(out, indent=1, default=str))
-    Image.fromarray(np.concatenate(grid, 0)).resize((5 * 64 * 2, len(grid) * 64 * 2), Image.NEAREST).save(
-        folder / "grid.png")
+    tile_grid(grid, pad=0, scale=2).save(folder / "grid.png")
     for m in methods:
         per_class = [None if v is None else round(v, 3) for v in out[m]["iou_per_class"]]
         print(f"{m:9s} class mIoU {out[m]['miou']:.3f}  per class {per_class}")

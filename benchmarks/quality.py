@@ -117,21 +117,14 @@ def fidelity(seeds, exact: list[np.ndarray], model: str, skip=()) -> dict:
     return rows
 
 
-def _colour(labels: np.ndarray) -> np.ndarray:
-    from emerdiff_fast.output import palette
+def picture_grid(seeds, labels: dict, path: Path) -> None:
+    from emerdiff_fast.output import palette, tile_grid
 
-    pal = np.asarray(palette(int(labels.max()) + 1), np.uint8)
-    return pal[labels]
-
-
-def picture_grid(seeds, labels: dict, path: Path, scale: int = 3) -> None:
     rows = []
     for i, s in enumerate(seeds):
         scene = make_scene(s)
-        tiles = [scene.image, _colour(labels["naive"][i]), _colour(labels["emerdiff"][i]), _colour(scene.instances)]
-        rows.append(np.concatenate([np.pad(t, ((2, 2), (2, 2), (0, 0)), constant_values=255) for t in tiles], 1))
-    grid = np.concatenate(rows, 0)
-    Image.fromarray(grid).resize((grid.shape[1] * scale, grid.shape[0] * scale), Image.NEAREST).save(path)
+        rows.append([scene.image, *(palette()[x] for x in (labels["naive"][i], labels["emerdiff"][i], scene.instances))])
+    tile_grid(rows).save(path)
 
 
 def main(argv=None) -> int:

@@ -85,7 +85,7 @@ def _settings(args) -> dict:
             "keep_aspect", "feature_samples", "preset", "limit")
     # model_settings: what the model's emerdiff.json sets beyond the options (e.g. the mini
     # model's t_modulate), so a cache made before the model's settings changed is refused too
-    return {**{k: getattr(args, k) for k in keys}, "model_settings": getattr(args, "model_settings", {}),
+    return {**{k: getattr(args, k) for k in keys}, "model_settings": args.model_settings,
             "cache_version": CACHE_VERSION}
 
 

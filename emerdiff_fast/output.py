@@ -21,6 +21,14 @@ def palette(n: int = 256) -> np.ndarray:
     return (np.array(cols) * 255).round().astype(np.uint8)
 
 
+def tile_grid(rows: list[list[np.ndarray]], pad: int = 2, scale: int = 3) -> Image.Image:
+    """Figure of (H, W, 3) uint8 tiles: each row's tiles side by side, rows stacked, every
+    tile in a white border of `pad` px, the whole enlarged `scale` x without smoothing."""
+    grid = np.concatenate([np.concatenate([np.pad(t, ((pad, pad), (pad, pad), (0, 0)), constant_values=255)
+                                           for t in row], 1) for row in rows], 0)
+    return Image.fromarray(grid).resize((grid.shape[1] * scale, grid.shape[0] * scale), Image.NEAREST)
+
+
 def atomic_write(path: Path, data: bytes) -> None:
     """Write to a temporary sibling, then rename: a crash never leaves a half-written file."""
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")

@@ -15,7 +15,7 @@ import numpy as np
 from PIL import Image
 
 from emerdiff_fast.cli import main
-from emerdiff_fast.output import palette
+from emerdiff_fast.output import palette, tile_grid
 from emerdiff_fast.scenes import make_scene
 
 HERE = Path(__file__).parent
@@ -30,12 +30,9 @@ def demo(scale: int = 3) -> Path:
         for path in inputs:
             scene = make_scene(int(path.stem.split("-")[1]))
             overlay = np.asarray(Image.open(Path(tmp) / f"{path.stem}.overlay.png").convert("RGB"))
-            truth = np.asarray(palette(int(scene.instances.max()) + 1), np.uint8)[scene.instances]
-            tiles = [np.asarray(Image.open(path).convert("RGB")), overlay, truth]
-            rows.append(np.concatenate([np.pad(t, ((2, 2), (2, 2), (0, 0)), constant_values=255) for t in tiles], 1))
-    grid = np.concatenate(rows, 0)
+            rows.append([np.asarray(Image.open(path).convert("RGB")), overlay, palette()[scene.instances]])
     out = HERE / "mini-demo.png"
-    Image.fromarray(grid).resize((grid.shape[1] * scale, grid.shape[0] * scale), Image.NEAREST).save(out)
+    tile_grid(rows, scale=scale).save(out)
     return out
 
 
