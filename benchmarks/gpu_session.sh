@@ -1,34 +1,64 @@
 #!/usr/bin/env bash
-# One device-tool call per stage on the lent GPU (each stage fits the 10-minute limit).
-# Prepare once on the CPU machine (see ../shared/gpu/README.md):
-#   ../shared/gpu/fetch-wheels.sh && mkdir -p .skeletons && cp -r ../shared/model-skeletons/* .skeletons/
-# then run with carry [".whl", ".skeletons"]:
-#   bash benchmarks/gpu_session.sh check       # kernel tests on CUDA, fast-vs-reference at 512 px
-#   bash benchmarks/gpu_session.sh waterfall   # benchmarks/waterfall.py --full (JSON + RESULTS.md)
-#   bash benchmarks/gpu_session.sh bench       # pytest-benchmark suite, full size
-#   bash benchmarks/gpu_session.sh gpu18       # issue 18's GPU-only checks (chunk, CUDA graphs, int64)
-# Everything lands in $OUT (log, JSON, RESULTS.md, benchmark JSON); copy it into the repo.
+# The one prepared GPU command: install, then every stage of benchmarks/gpu_run.py in order of
+# value within 8 minutes of wall time (benchmarks/gpu_plan.json has each stage's estimate).
+# Each stage writes $OUT/<stage>.json when it ends; $OUT/log.txt holds everything printed.
+#
+# Prepare once on the CPU machine (both folders are git-ignored, so carry them):
+#   bash benchmarks/gpu_prepare.sh SKELETONS_DIR      # .whl/ and .skeletons/
+# then on the device machine, with carry [".whl", ".skeletons"]:
+#   bash benchmarks/gpu_session.sh
+# and back here: python -m benchmarks.gpu_run --table DIR --results-md benchmarks/RESULTS.md
+#
+#   bash benchmarks/gpu_session.sh --dry-run    # CPU: every stage's code, tiny model, toy sizes (CI test)
 set -o pipefail
-export PYTHONUNBUFFERED=1 EMERDIFF_SKELETONS=$PWD/.skeletons
+START=$(date +%s)
+export PYTHONUNBUFFERED=1
+cd "$(dirname "$0")/.."
+
+if [ "${1:-}" = "--dry-run" ]; then
+    OUT=${OUT:-$(mktemp -d)}
+    mkdir -p "$OUT"
+    python3 -m benchmarks.gpu_run --dry-run --out "$OUT" --started "$START" 2>&1 | tee "$OUT/log.txt"
+    rc=$?
+    missing=0
+    for stage in a-env b-correctness c-headline d-side e-mini f-hyperfeatures g-checks; do
+        [ -s "$OUT/$stage.json" ] || { echo "dry run: $stage wrote no $OUT/$stage.json" >&2; missing=1; }
+    done
+    [ "$missing" = 0 ] && echo "dry run: every stage wrote its JSON under $OUT"
+    [ "$rc" = 0 ] && [ "$missing" = 0 ]
+    exit $?
+fi
+
+OUT=${OUT:-/tmp/out}
+mkdir -p "$OUT"
+exec > >(tee "$OUT/log.txt") 2>&1   # a killed run still returns its log
+unset TRITON_INTERPRET              # kernels run natively on the GPU
+export EMERDIFF_SKELETONS=$PWD/.skeletons
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
-  --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site:$PWD || exit 1
-python3 -m pip install -q --no-deps --no-build-isolation --target /tmp/site . || exit 1
-OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/gpu.txt"
-python3 -c "import torch, triton, diffusers; print(torch.__version__, triton.__version__, diffusers.__version__)" | tee -a "$OUT/gpu.txt"
-cp benchmarks/RESULTS.md "$OUT/RESULTS.md"
-case "$1" in
-  check)
-    python3 -m pytest -q -p no:cacheprovider tests/kernels 2>&1 | tee "$OUT/check.log"
-    python3 -m benchmarks.check_equivalence --resolution 512 --masks 30 --dtypes bfloat16 float32 \
-      --json "$OUT/equivalence.json" 2>&1 | tee -a "$OUT/check.log" ;;
-  waterfall)
-    python3 -m benchmarks.waterfall --full --rounds "${ROUNDS:-2}" --out-dir "$OUT" \
-      --results-md "$OUT/RESULTS.md" 2>&1 | tee "$OUT/waterfall.log" ;;
-  bench)
-    EMERDIFF_BENCH_FULL=1 python3 -m pytest -q -p no:cacheprovider benchmarks/ --benchmark-only \
-      --benchmark-json "$OUT/bench.json" 2>&1 | tail -60 | tee "$OUT/bench.log" ;;
-  gpu18)
-    python3 -m benchmarks.gpu_checks --json "$OUT/gpu_checks.json" 2>&1 | tee "$OUT/gpu18.log" ;;
-  *) echo "usage: $0 check|waterfall|bench|gpu18"; exit 2 ;;
-esac
+    --target /tmp/site .whl/*.whl || { echo "FAILED: installing the carried wheels (.whl/)"; exit 1; }
+export PYTHONPATH=/tmp/site:$PWD
+python3 -m pip install -q --no-deps --no-build-isolation --no-compile --target /tmp/site . \
+    || { echo "FAILED: installing the project"; exit 1; }
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+# one line, within the first 30 s, for anything the project cannot import under this image
+python3 - <<'EOF' || exit 1
+import importlib, sys
+versions = []
+for name in ("torch", "triton", "diffusers", "transformers", "safetensors", "numpy", "scipy", "PIL"):
+    try:
+        versions.append(f"{name} {importlib.import_module(name).__version__}")
+    except Exception as exc:
+        sys.exit(f"FAILED: cannot import {name}: {type(exc).__name__}: {exc}")
+print(", ".join(versions))
+for name in ("emerdiff_fast", "emerdiff_fast.kernels", "emerdiff_fast.hyperfeatures", "benchmarks.gpu_run"):
+    try:
+        importlib.import_module(name)
+    except Exception as exc:
+        sys.exit(f"FAILED: cannot import {name}: {type(exc).__name__}: {exc}")
+import torch
+if not torch.cuda.is_available():
+    sys.exit("FAILED: torch sees no CUDA device")
+EOF
+[ -d .skeletons/sd21-base ] && [ -d .skeletons/sd15 ] || { echo "FAILED: no .skeletons/sd21-base or sd15 (carry .skeletons)"; exit 1; }
+echo "setup took $(( $(date +%s) - START )) s"
+python3 -m benchmarks.gpu_run --out "$OUT" --started "$START"

@@ -35,6 +35,7 @@ from benchmarks.common import skeleton_configs
 # the vendors' data sheets.
 DEVICES = {
     "H100 SXM": {"tflops": 989.0, "tbps": 3.35},
+    "H200 SXM": {"tflops": 989.0, "tbps": 4.8},  # H100's compute, faster and larger HBM3e
     "A100 80GB SXM": {"tflops": 312.0, "tbps": 2.04},
     "L4": {"tflops": 121.0, "tbps": 0.30},
     "RTX 4090": {"tflops": 165.2, "tbps": 1.01},
@@ -70,9 +71,11 @@ class Trace:
     def totals(self) -> dict:
         return {k: sum(getattr(s, k) for s in self.ops.values()) for k in ("flops", "bytes_eager", "bytes_fused")}
 
-    def seconds(self, device: dict, fused: bool) -> float:
+    def seconds(self, device: dict, fused: bool, launch_s: float = 0.0) -> float:
+        """Modelled seconds; launch_s > 0 adds a floor per op call (launch-bound small models)."""
         peak, bw = device["tflops"] * 1e12 * COMPUTE_EFFICIENCY, device["tbps"] * 1e12 * MEMORY_EFFICIENCY
-        return sum(max(s.flops / peak, (s.bytes_fused if fused else s.bytes_eager) / bw) for s in self.ops.values())
+        return sum(max(s.flops / peak, (s.bytes_fused if fused else s.bytes_eager) / bw, s.calls * launch_s)
+                   for s in self.ops.values())
 
 
 def _nbytes(t: torch.Tensor) -> int:

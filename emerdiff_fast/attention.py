@@ -42,13 +42,28 @@ def _finish(attn, out, residual):
     return out / attn.rescale_output_factor
 
 
+def attention_probs(attn, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+    """softmax(Q K^T * scale) per (batch * head), in Q's dtype: diffusers' get_attention_scores
+    (its upcast_attention / upcast_softmax rules) without its baddbmm(torch.empty(...), beta=0).
+    Under torch.compile, inductor's matmul templates have read that uninitialised input when
+    beta is 0, giving NaN rows; a plain bmm has no such input. Every processor here uses it,
+    so the reference and fast paths compute P the same way."""
+    dtype = q.dtype
+    if attn.upcast_attention:
+        q, k = q.float(), k.float()
+    scores = torch.bmm(q, k.transpose(-1, -2)).mul_(attn.scale)  # in place: one P-sized buffer
+    if attn.upcast_softmax:
+        scores = scores.float()
+    return scores.softmax(dim=-1).to(dtype)
+
+
 def plain_attention(attn, hidden_states, encoder_hidden_states=None, attention_mask=None):
     """diffusers' AttnProcessor arithmetic, explicit: (output, probabilities (B * heads, N, M)),
     for processors that read the probabilities of an otherwise unchanged layer."""
     _check_supported(attn, attention_mask)
     context = _context(attn, hidden_states, encoder_hidden_states)
     q = attn.head_to_batch_dim(attn.to_q(hidden_states))
-    probs = attn.get_attention_scores(q, attn.head_to_batch_dim(attn.to_k(context)))
+    probs = attention_probs(attn, q, attn.head_to_batch_dim(attn.to_k(context)))
     out = attn.batch_to_head_dim(torch.bmm(probs, attn.head_to_batch_dim(attn.to_v(context))))
     return _finish(attn, attn.to_out[1](attn.to_out[0](out)), hidden_states), probs
 
@@ -95,7 +110,7 @@ class ReferenceProcessor:
             st.store[(self.name, st.step)] = (q, k)
         else:  # inject the reference run's probabilities at this layer and step
             q, k = st.store[(self.name, st.step)]
-        probs = attn.get_attention_scores(q, k)
+        probs = attention_probs(attn, q, k)
         if probs.shape[0] == attn.heads * hidden_states.shape[0]:  # the reference run itself
             out = attn.batch_to_head_dim(torch.bmm(probs, attn.head_to_batch_dim(attn.to_v(context))))
         else:  # one reference P for every batch member: applied by broadcasting, never copied per
@@ -108,9 +123,9 @@ class ReferenceProcessor:
 
 
 def shared_probs(attn, q0: torch.Tensor, k0: torch.Tensor) -> torch.Tensor:
-    """(1, N, C), (1, M, C) -> per-head softmax(Q K^T * scale): (heads, N, M). diffusers' own
-    get_attention_scores, so P is bit-identical to the reference path's."""
-    return attn.get_attention_scores(attn.head_to_batch_dim(q0), attn.head_to_batch_dim(k0))
+    """(1, N, C), (1, M, C) -> per-head softmax(Q K^T * scale): (heads, N, M), by the same
+    attention_probs as the reference path, so P is bit-identical to its."""
+    return attention_probs(attn, attn.head_to_batch_dim(q0), attn.head_to_batch_dim(k0))
 
 
 class SharedProcessor:

@@ -99,13 +99,15 @@ class ChunkPlan:
     modulated_layer: str
     max_batch: int | None = None     # the user's budget; None: all 2K on CPU, by memory on CUDA
     decode_batch: int | None = None  # the user's; None: min(chunk, DEFAULT_DECODE_BATCH)
+    decode_dtype: torch.dtype | None = None  # the decoding VAE's own dtype; None: the UNet's
 
     def __post_init__(self):
         self.chunks: dict[tuple[tuple[int, int], int], int] = {}
 
     def memory_model(self, size: tuple[int, int]) -> MemoryModel:
         """The memory model at a processing size (H, W)."""
-        return MemoryModel.of(self.unet_config, self.vae_config, size, self.dtype, self.modulated_layer)
+        return MemoryModel.of(self.unet_config, self.vae_config, size, self.dtype, self.modulated_layer,
+                              self.decode_dtype)
 
     def auto_max_batch(self, num_members: int, size: tuple[int, int]) -> int:
         """All members at once on the CPU; on CUDA, the largest chunk whose predicted peak

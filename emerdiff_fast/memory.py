@@ -73,19 +73,20 @@ def peak_bytes(fn, existing=()) -> int:
     return peak
 
 
-def meta_models(unet_config: dict, vae_config: dict, dtype: torch.dtype):
-    """UNet and VAE built from their configs on the meta device (no weights, no memory)."""
+def meta_models(unet_config: dict, vae_config: dict, dtype: torch.dtype, vae_dtype: torch.dtype | None = None):
+    """UNet (in dtype) and VAE (in vae_dtype, default dtype) built from their configs on the
+    meta device (no weights, no memory)."""
     from diffusers import AutoencoderKL, UNet2DConditionModel
 
     with torch.device("meta"):
         unet = UNet2DConditionModel.from_config(unet_config).to(dtype)
-        vae = AutoencoderKL.from_config(vae_config).to(dtype)
+        vae = AutoencoderKL.from_config(vae_config).to(vae_dtype or dtype)
     return unet.eval(), vae.eval()
 
 
 @functools.lru_cache(maxsize=8)
-def _models(unet_json: str, vae_json: str, dtype: torch.dtype):
-    return meta_models(json.loads(unet_json), json.loads(vae_json), dtype)
+def _models(unet_json: str, vae_json: str, dtype: torch.dtype, vae_dtype: torch.dtype):
+    return meta_models(json.loads(unet_json), json.loads(vae_json), dtype, vae_dtype)
 
 
 @functools.lru_cache(maxsize=256)
@@ -93,7 +94,7 @@ def _unet_call_bytes(unet_json: str, vae_json: str, dtype: torch.dtype, size: tu
                      modulated_layer: str, members: int) -> int:
     from .attention import Modulation, RunState, SharedProcessor, installed, make_processors
 
-    unet, vae = _models(unet_json, vae_json, dtype)
+    unet, vae = _models(unet_json, vae_json, dtype, dtype)
     f = vae_scale_factor(vae.config)
     h, w = layer_grid(unet.config, vae.config, size, modulated_layer)
     n = h * w  # positions of the modulated layer (the 16x16 block at 512 px for SD)
@@ -110,10 +111,10 @@ def _unet_call_bytes(unet_json: str, vae_json: str, dtype: torch.dtype, size: tu
 
 
 @functools.lru_cache(maxsize=64)
-def _decode_bytes(unet_json: str, vae_json: str, dtype: torch.dtype, size: tuple[int, int], images: int) -> int:
-    _, vae = _models(unet_json, vae_json, dtype)
+def _decode_bytes(unet_json: str, vae_json: str, vae_dtype: torch.dtype, size: tuple[int, int], images: int) -> int:
+    _, vae = _models(unet_json, vae_json, vae_dtype, vae_dtype)
     f = vae_scale_factor(vae.config)
-    z = torch.empty(images, vae.config.latent_channels, size[0] // f, size[1] // f, device="meta", dtype=dtype)
+    z = torch.empty(images, vae.config.latent_channels, size[0] // f, size[1] // f, device="meta", dtype=vae_dtype)
     return peak_bytes(lambda: vae.decode(z).sample, [*vae.parameters(), *vae.buffers(), z])
 
 
@@ -123,7 +124,8 @@ def _config_key(cfg) -> str:
 
 @dataclass(frozen=True)
 class MemoryModel:
-    """Predicted activation memory of the fast path for one model, image size and dtype,
+    """Predicted activation memory of the fast path for one model, image size and dtypes
+    (the UNet's, and the decoding VAE's own: an fp32 VAE under a bf16 UNet decodes in fp32),
     bytes; every figure is a trace at exactly that size (cached), never an extrapolation:
     the peak moves between layers as the batch grows (with few members the shared P of
     the 64x64 self-attention dominates, with many the members' feed-forward activations),
@@ -134,13 +136,15 @@ class MemoryModel:
     size: tuple[int, int]  # (H, W) processing size in pixels
     dtype: torch.dtype
     modulated_layer: str
+    vae_dtype: torch.dtype
 
     @classmethod
     def of(cls, unet_config, vae_config, size: int | tuple[int, int], dtype: torch.dtype,
-           modulated_layer: str) -> MemoryModel:
-        """size: R (R x R pixels) or (H, W)."""
+           modulated_layer: str, vae_dtype: torch.dtype | None = None) -> MemoryModel:
+        """size: R (R x R pixels) or (H, W); vae_dtype: the decoding VAE's (default dtype)."""
         size = (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))
-        return cls(_config_key(unet_config), _config_key(vae_config), size, dtype, modulated_layer)
+        return cls(_config_key(unet_config), _config_key(vae_config), size, dtype, modulated_layer,
+                   vae_dtype or dtype)
 
     def unet_call(self, members: int) -> int:
         """Peak bytes of one UNet call of `members` members (modulation on: step 0)."""
@@ -148,10 +152,10 @@ class MemoryModel:
                                 self.modulated_layer, members)
 
     def decode(self, images: int) -> int:
-        return _decode_bytes(self.unet_config, self.vae_config, self.dtype, self.size, images)
+        return _decode_bytes(self.unet_config, self.vae_config, self.vae_dtype, self.size, images)
 
     def weights(self) -> int:
-        unet, vae = _models(self.unet_config, self.vae_config, self.dtype)
+        unet, vae = _models(self.unet_config, self.vae_config, self.dtype, self.vae_dtype)
         return sum(p.numel() * p.element_size() for m in (unet, vae) for p in m.parameters())
 
     def peak(self, chunk: int, decode_batch: int) -> int:

@@ -8,6 +8,7 @@ sampling.py's."""
 from __future__ import annotations
 
 import copy
+import functools
 import logging
 
 import torch
@@ -53,6 +54,12 @@ def _graph_safe(compiled, mode: str, keep_output: bool = False):
         return out
 
     return call
+
+
+def recompile_limit() -> int:
+    """Graphs dynamo keeps per compiled function before it stops compiling (and runs eager)."""
+    cfg = torch._dynamo.config
+    return int(getattr(cfg, "recompile_limit", None) or getattr(cfg, "cache_size_limit", 8))
 
 
 def recommended_config(pipe, **overrides) -> EmerDiffConfig:
@@ -145,11 +152,13 @@ class EmerDiff:
                                                             dynamic=False), self.compile_mode, keep_output=True)
         elif compile_decode:
             raise ValueError("compile_decode needs compile (backend='fast')")
+        self.compiled_shapes: set[tuple[tuple[int, int], int]] = set()  # (size, chunk) given compiled calls
+        self.eager_shapes: set[tuple[tuple[int, int], int]] = set()     # past the bound: eager, said once
         # the fast path's state lives as long as the segmenter (compile guards hold across images)
         self.fast = (FastPath(self.unet, self.config.modulated_layer, self.options, self.compile_mode)
                      if backend == "fast" else None)
         self.chunk_plan = ChunkPlan(dict(self.unet.config), dict(self.vae.config), self.dtype, self.device,
-                                    self.config.modulated_layer, max_batch, decode_batch)
+                                    self.config.modulated_layer, max_batch, decode_batch, self.decode_vae.dtype)
 
     def processing_size(self, image_size: tuple[int, int]) -> tuple[int, int]:
         """(H, W) the model sees for an image of PIL size (W, H) (config.keep_aspect)."""
@@ -162,12 +171,14 @@ class EmerDiff:
         dist = self.vae.encode(pixels.to(self.vae.device, self.vae.dtype)).latent_dist
         return (dist.mean * self.vae.config.scaling_factor).to(self.device)
 
-    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+    def decode(self, latents: torch.Tensor, eager: bool = False) -> torch.Tensor:
+        """Latents -> images, through the compiled decode unless eager (or not compiled)."""
+        vae_decode = self.decode_vae.decode if eager else self.vae_decode
         lat = (latents / self.vae.config.scaling_factor).to(self.decode_vae.dtype)
         if self.config.decode_scale == 1.0:
-            return self.vae_decode(lat).sample
+            return vae_decode(lat).sample
         # speed preset: decode 2x-downsampled latents (4x fewer pixels), upsample the images
-        small = self.vae_decode(F.interpolate(lat, scale_factor=self.config.decode_scale, mode="bilinear")).sample
+        small = vae_decode(F.interpolate(lat, scale_factor=self.config.decode_scale, mode="bilinear")).sample
         size = tuple(s * vae_scale_factor(self.vae.config) for s in lat.shape[-2:])
         return F.interpolate(small.float(), size=size, mode="bilinear").to(small.dtype)
 
@@ -293,12 +304,45 @@ class EmerDiff:
                 config=cfg, backend=self.backend, timings=t)
         return results
 
+    def compiled_shape(self, size: tuple[int, int], chunk: int) -> bool:
+        """Whether the compiled UNet and decode serve this (processing size, chunk). Each new
+        shape traces graphs_per_shape UNet graphs (dynamic=False); past dynamo's recompile
+        limit torch.compile would fall back to eager silently, after minutes of compiling.
+        So shapes past max_compiled_shapes run eager by choice, and say so once each (sizes
+        vary with keep_aspect; chunks change after an out-of-memory back-off)."""
+        key = (tuple(size), chunk)
+        if key in self.compiled_shapes:
+            return True
+        if len(self.compiled_shapes) < self.max_compiled_shapes:
+            self.compiled_shapes.add(key)
+            return True
+        if key not in self.eager_shapes:
+            self.eager_shapes.add(key)
+            log.warning("processing size %dx%d (chunk %d) runs eager: %d shapes are compiled already, the bound "
+                        "(dynamo's recompile limit %d / %d graphs per shape); compiled: %s", size[1], size[0], chunk,
+                        len(self.compiled_shapes), recompile_limit(), self.graphs_per_shape,
+                        ", ".join(f"{w}x{h}" for (h, w), _ in sorted(self.compiled_shapes)))
+        return False
+
+    @property
+    def graphs_per_shape(self) -> int:
+        """UNet graphs per shape (engine.FastPath): step 0 and the rest, plus modulated later steps."""
+        return 3 if self.config.modulate_steps > 1 else 2
+
+    @property
+    def max_compiled_shapes(self) -> int:
+        return max(1, recompile_limit() // self.graphs_per_shape)
+
     def run(self, size: tuple[int, int]) -> Run:
         """What the backend gets for an image of processing size (H, W): the reference path
         runs one +/- pair at a time, the fast path its chunk plan's sizes."""
         fast = self.fast is not None
         chunk = self.chunk_plan.chunk(size, self.config.num_masks) if fast else 2
-        return Run(unet=self.unet, unet_call=self.unet_call, decode=self.decode, static_decode=self.static_decode,
+        if self.compile_mode and not self.compiled_shape(size, chunk):
+            unet_call, decode, static_decode = self.unet, functools.partial(self.decode, eager=True), False
+        else:
+            unet_call, decode, static_decode = self.unet_call, self.decode, self.static_decode
+        return Run(unet=self.unet, unet_call=unet_call, decode=decode, static_decode=static_decode,
                    context=self.context, dtype=self.dtype, device=self.device, lam=self.config.lam,
                    modulated_layer=self.config.modulated_layer, modulate_steps=self.config.modulate_steps,
                    chunk=chunk, decode_batch=self.chunk_plan.decode_size(chunk) if fast else 2,

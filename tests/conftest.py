@@ -1,12 +1,17 @@
 import contextlib
 import os
 
-# Triton kernels run on CPU tensors through the interpreter; must be set before triton loads.
-os.environ.setdefault("TRITON_INTERPRET", "1")
+import torch  # (importing torch does not load triton)
+
+# Without CUDA, Triton kernels run on CPU tensors through the interpreter, which must be
+# chosen before triton loads; with CUDA they run natively (gpu_session.sh unsets it).
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
-import torch  # noqa: E402
+
+KERNEL_DEVICES = ["cuda"] if torch.cuda.is_available() else ["cpu"]
 
 
 @pytest.fixture(scope="session")
@@ -52,6 +57,17 @@ def our_log(caplog):
     logger.removeHandler(caplog.handler)
     logger.setLevel(old_level)
     logger.propagate = old_propagate
+
+
+@pytest.fixture(params=KERNEL_DEVICES)
+def kernel_device(request):
+    """Where the kernel tests run: natively on CUDA when there is a GPU, else on the CPU under
+    Triton's interpreter. A GPU run under the interpreter would test nothing of the GPU."""
+    if request.param == "cuda":
+        assert os.environ.get("TRITON_INTERPRET", "0") != "1", "unset TRITON_INTERPRET on a GPU machine"
+    else:
+        assert os.environ.get("TRITON_INTERPRET") == "1", "CPU kernel tests need TRITON_INTERPRET=1"
+    return torch.device(request.param)
 
 
 @pytest.fixture

@@ -131,3 +131,32 @@ def test_memory_model_non_square(tiny_pipe):
     assert wide.size == (128, 192)
     for f in (lambda m: m.unet_call(3), lambda m: m.decode(2)):
         assert f(small) < f(wide) < f(large)
+
+
+def test_compiled_shapes_are_bounded_and_the_rest_run_eager(tiny_pipe, monkeypatch, our_log):
+    """keep_aspect with compile: every processing size traces 2 UNet graphs, and past dynamo's
+    recompile limit torch.compile would run eager silently after minutes of compiling. The
+    segmenter compiles at most limit // 2 shapes and runs the rest eager, saying so. A
+    stand-in for torch.compile records the latent sizes its calls see."""
+    import torch._dynamo
+
+    seen = Counter()
+
+    def fake_compile(fn, **kwargs):
+        def call(x, *args, **kw):
+            seen[tuple(x.shape[-2:])] += 1
+            return fn(x, *args, **kw)
+        return call
+
+    monkeypatch.setattr(torch, "compile", fake_compile)
+    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 5)  # room for 2 shapes of 2 graphs
+    cfg = EmerDiffConfig(num_masks=2, resolution=64, keep_aspect=True, feature_samples=1, kmeans_restarts=1)
+    seg = EmerDiff(tiny_pipe, cfg, compile=True)
+    images = [torch.rand(3, h, w, generator=torch.Generator().manual_seed(h)) for h, w in ((64, 64), (40, 90), (90, 40))]
+    compiled = seg(images)
+    assert len(seg.compiled_shapes) == 2 and len(seg.eager_shapes) == 1
+    assert set(seen) == {(8, 8), (8, 16)}  # the UNet's and the decode's latents; (16, 8) ran eager
+    assert "(chunk 4) runs eager: 2 shapes are compiled already" in our_log.text
+    eager = EmerDiff(tiny_pipe, cfg)(images)
+    for c, e in zip(compiled, eager):
+        np.testing.assert_array_equal(c.labels, e.labels)

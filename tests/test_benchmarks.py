@@ -48,3 +48,25 @@ def test_floor_reproduces_spec_section_3_on_the_real_config():
     f = floor_flops(SimpleNamespace(unet=unet, vae=vae), 512, num_masks=30, n_steps=15)
     assert abs(f["unet_gflop"] - 803) < 5 and abs(f["vae_decode_gflop"] - 2515) < 5
     assert abs(f["vae_encode_gflop"] - 1117) < 5 and abs(f["floor_tflop"] - 888) < 2
+
+
+def test_executed_flops_leave_out_the_memory_models_traces(tiny_pipe, monkeypatch):
+    """On CUDA the fast path's chunk comes from the memory model, which runs the UNet on meta
+    tensors: deciding it inside the waterfall's FLOP counter added those traces to the
+    row's executed TFLOP. CUDA's memory query mocked: the same count as on the CPU."""
+    from emerdiff_fast import EmerDiff, EmerDiffConfig, engine, memory
+
+    from benchmarks.waterfall import warm_up
+
+    cfg = EmerDiffConfig(num_masks=3, resolution=64, feature_samples=1)
+    image = torch.rand(3, 64, 64, generator=torch.Generator().manual_seed(0))
+    _, cpu_tflop = warm_up(EmerDiff(tiny_pipe, cfg), image, count=True)
+    traced, largest = [], memory.MemoryModel.largest_chunk
+    monkeypatch.setattr(engine, "allocatable_bytes", lambda device: 10 ** 12)
+    monkeypatch.setattr(memory.MemoryModel, "largest_chunk", lambda self, *a: traced.append(1) or largest(self, *a))
+    memory._unet_call_bytes.cache_clear()
+    memory._decode_bytes.cache_clear()
+    seg = EmerDiff(tiny_pipe, cfg)
+    seg.chunk_plan.device = SimpleNamespace(type="cuda")  # the plan's only CUDA question
+    _, cuda_tflop = warm_up(seg, image, count=True)
+    assert traced and cuda_tflop == cpu_tflop

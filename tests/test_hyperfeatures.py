@@ -271,3 +271,20 @@ def test_compiled_extraction_is_one_graph_and_equals_eager(tiny_pipe):
     for a, b in zip(compiled.maps, eager.maps):
         assert torch.allclose(a.float(), b.float(), atol=1e-2)
     torch._dynamo.reset()
+
+
+def test_fp32_vae_under_a_bf16_unet():
+    """The usual cure for VAE overflow (the VAE kept in float32 under a 16-bit UNet): the
+    VAE's input goes in the VAE's dtype for extraction and generation, the UNet's in its."""
+    from emerdiff_fast import load_pipeline
+
+    pipe = load_pipeline("tiny")
+    pipe.unet.to(torch.bfloat16)
+    cfg = ExtractConfig(load_resolution=64, num_timesteps=5, save_timestep=(0, 4))
+    ex = FeatureExtractor(pipe, cfg)
+    assert ex.dtype == torch.bfloat16 and pipe.vae.dtype == torch.float32
+    f = ex.extract(torch.rand(1, 3, 64, 64) * 2 - 1)
+    g, images = ex.generate(1, seed=0)
+    for feats in (f, g):
+        assert all(torch.isfinite(m.float()).all() for m in feats.maps) and feats.latents.dtype == torch.float32
+    assert images[0].size == (64, 64)

@@ -75,3 +75,22 @@ def test_prediction_matches_a_real_cpu_run(members, resolution):
     measured, predicted = map(int, r.stdout.split()[-2:])
     assert predicted > 50e6  # large enough that allocator noise is small against it
     assert 0.9 <= measured / predicted <= 1.1, (measured, predicted)
+
+
+def test_decode_is_traced_in_the_decoding_vaes_dtype(tiny_pipe):
+    """An fp32 VAE under a bf16 UNet (the usual cure for VAE overflow) decodes in fp32: its
+    activations are twice the bf16 trace's, and the segmenter's chunk plan must know it."""
+    import copy
+
+    from emerdiff_fast import EmerDiff
+    from emerdiff_fast.config import EmerDiffConfig
+
+    layer = EmerDiffConfig().modulated_layer
+    args = (tiny_pipe.unet.config, tiny_pipe.vae.config, 128, torch.bfloat16, layer)
+    bf16, mixed = MemoryModel.of(*args), MemoryModel.of(*args, vae_dtype=torch.float32)
+    assert mixed.decode(4) == 2 * bf16.decode(4)
+    assert mixed.unet_call(5) == bf16.unet_call(5)  # the UNet still runs in bf16
+    pipe = copy.copy(tiny_pipe)
+    pipe.unet = copy.deepcopy(tiny_pipe.unet).to(torch.bfloat16)
+    seg = EmerDiff(pipe, EmerDiffConfig(num_masks=4, resolution=128, feature_samples=1))
+    assert seg.chunk_plan.memory_model((128, 128)) == mixed

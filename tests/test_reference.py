@@ -146,3 +146,33 @@ def test_injected_probabilities_are_broadcast_not_copied_per_member():
     peak = peak_bytes(lambda: proc(attn, x), [*attn.parameters(), x, q, k])
     p_bytes = heads * n * n * 2
     assert peak < 4 * p_bytes, peak / p_bytes  # P, its softmax input, and member-sized activations
+
+
+def test_attention_probabilities_never_read_an_uninitialised_input(monkeypatch):
+    """diffusers' get_attention_scores is baddbmm(torch.empty(...), beta=0); inductor's matmul
+    templates have read that uninitialised input (NaN rows under torch.compile). Emulated
+    here by a baddbmm that does read it: both paths' processors must not call it, and must
+    still give diffusers' own attention output."""
+    from diffusers.models.attention_processor import Attention, AttnProcessor
+
+    torch.manual_seed(0)
+    self_attn = Attention(query_dim=32, heads=2, dim_head=16)
+    cross_attn = Attention(query_dim=32, heads=2, dim_head=16, cross_attention_dim=24)
+    x, ctx = torch.randn(3, 10, 32), torch.randn(1, 7, 24).expand(3, -1, -1)
+    got = {}
+    with torch.no_grad():
+        want = {"self": self_attn(x[:1]), "cross": cross_attn(x[:1], encoder_hidden_states=ctx[:1])}
+        real = torch.baddbmm
+        monkeypatch.setattr(torch, "baddbmm", lambda inp, a, b, *, beta=1, alpha=1:
+                            beta * torch.full_like(inp, float("nan")) + alpha * real(inp, a, b, beta=0))
+        q = torch.randn(2, 10, 16)
+        assert torch.isnan(self_attn.get_attention_scores(q, q)).all()  # the emulation bites
+        for name, attn, context in (("self", self_attn, None), ("cross", cross_attn, ctx)):
+            attn.set_processor(SharedProcessor(name, RunState(mode="shared", modulated_layer="none")))
+            got[f"{name} shared"] = attn(x, encoder_hidden_states=context)[:1]
+            attn.set_processor(ReferenceProcessor(name, RunState(mode="record", modulated_layer="none")))
+            got[f"{name} reference"] = attn(x[:1], encoder_hidden_states=None if context is None else context[:1])
+            attn.set_processor(AttnProcessor())
+    for key, out in got.items():
+        assert torch.isfinite(out).all(), key
+        torch.testing.assert_close(out, want[key.split()[0]], rtol=1e-5, atol=1e-6)

@@ -117,10 +117,11 @@ class FeatureExtractor:
             r = self.config.load_resolution
             images = torch.stack([to_model_input(load_image(im), r, Image.BILINEAR) for im in images])
         g = torch.Generator().manual_seed(self.config.seed)
-        with torch.inference_mode():
-            dist = self.vae.encode(images.to(self.device, self.dtype)).latent_dist
-            noise = torch.randn(dist.mean.shape, generator=g).to(self.device, dist.mean.dtype)
-            return (dist.mean + dist.std * noise) * self.vae.config.scaling_factor
+        with torch.inference_mode():  # the VAE in its own dtype: an fp32 VAE under a 16-bit UNet
+            # is the usual cure for VAE overflow
+            dist = self.vae.encode(images.to(self.vae.device, self.vae.dtype)).latent_dist
+            noise = torch.randn(dist.mean.shape, generator=g).to(dist.mean.device, dist.mean.dtype)
+            return ((dist.mean + dist.std * noise) * self.vae.config.scaling_factor).to(self.device)
 
     def _run(self, x: torch.Tensor, inversion: bool, context: torch.Tensor | None = None) -> Features:
         cfg = self.config
@@ -175,7 +176,8 @@ class FeatureExtractor:
             ctx = self.pipe.encode_prompt(prompt, self.device, 1, False)[0].to(self.dtype)
         feats = self._run(noise, inversion=False, context=ctx)
         with torch.inference_mode():
-            imgs = self.vae.decode((feats.latents / self.vae.config.scaling_factor).to(self.dtype)).sample
+            lat = feats.latents / self.vae.config.scaling_factor
+            imgs = self.vae.decode(lat.to(self.vae.device, self.vae.dtype)).sample
         arr = ((imgs.float().clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).cpu().numpy()
         return feats, [Image.fromarray(a) for a in arr]
 

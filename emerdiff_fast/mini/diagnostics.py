@@ -16,6 +16,7 @@ import math
 import numpy as np
 import torch
 
+from ..attention import attention_probs
 from ..config import EmerDiffConfig
 from ..metrics import instance_scores
 from ..scenes import make_scene
@@ -49,7 +50,7 @@ def attention_stats(pipe, seeds, t: int = 281, seed: int = 0) -> dict[str, dict[
             def hook(mod, args, kwargs, name=name):
                 h = args[0] if args else kwargs["hidden_states"]
                 q, k = mod.head_to_batch_dim(mod.to_q(h)), mod.head_to_batch_dim(mod.to_k(h))
-                p = mod.get_attention_scores(q, k).float()
+                p = attention_probs(mod, q, k).float()
                 captured[name] = p.view(h.shape[0], -1, *p.shape[1:]).mean(1)  # (B, N, N), heads averaged
             hooks.append(module.register_forward_pre_hook(hook, with_kwargs=True))
     try:

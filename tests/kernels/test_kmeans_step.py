@@ -5,10 +5,10 @@ from emerdiff_fast.kernels import kmeans_assign, kmeans_assign_torch, kmeans_upd
 
 
 @pytest.mark.parametrize("b, n, k, d", [(1, 16, 2, 8), (3, 37, 5, 50), (2, 256, 30, 130), (4, 33, 33, 17)])
-def test_assign_matches_torch(b, n, k, d, triton_ran):
+def test_assign_matches_torch(b, n, k, d, triton_ran, kernel_device):
     g = torch.Generator().manual_seed(b * n + k)
-    x = torch.randn(b, n, d, generator=g)
-    c = torch.randn(b, k, d, generator=g)
+    x = torch.randn(b, n, d, generator=g).to(kernel_device)
+    c = torch.randn(b, k, d, generator=g).to(kernel_device)
     with triton_ran("kmeans_assign"):
         labels, dist = kmeans_assign(x, c)
     ref_labels, ref_dist = kmeans_assign_torch(x, c)
@@ -22,10 +22,10 @@ def test_assign_matches_torch(b, n, k, d, triton_ran):
 
 
 @pytest.mark.parametrize("b, n, k, d", [(1, 16, 2, 8), (3, 37, 5, 50), (2, 256, 30, 130), (2, 5, 7, 3)])
-def test_update_matches_torch(b, n, k, d, triton_ran):
+def test_update_matches_torch(b, n, k, d, triton_ran, kernel_device):
     g = torch.Generator().manual_seed(n + d)
-    x = torch.randn(b, n, d, generator=g)
-    labels = torch.randint(k, (b, n), generator=g)
+    x = torch.randn(b, n, d, generator=g).to(kernel_device)
+    labels = torch.randint(k, (b, n), generator=g).to(kernel_device)
     with triton_ran("kmeans_update"):
         sums, counts = kmeans_update(x, labels, k)
     ref_sums, ref_counts = kmeans_update_torch(x, labels, k)
@@ -34,13 +34,13 @@ def test_update_matches_torch(b, n, k, d, triton_ran):
 
 
 @pytest.mark.parametrize("b, r, n, k, d", [(1, 10, 40, 6, 33), (3, 4, 37, 5, 50), (2, 3, 17001, 3, 5)])
-def test_restarts_share_the_points(b, r, n, k, d, triton_ran):
+def test_restarts_share_the_points(b, r, n, k, d, triton_ran, kernel_device):
     """Problem p reads image p // r: the same answer as repeating each image r times (the
     old layout), from the kernels and from the chunked PyTorch fallback (17001 rows span
     two TORCH_CHUNKs)."""
     g = torch.Generator().manual_seed(b * r + n)
-    x = torch.randn(b, n, d, generator=g)
-    c = torch.randn(b * r, k, d, generator=g)
+    x = torch.randn(b, n, d, generator=g).to(kernel_device)
+    c = torch.randn(b * r, k, d, generator=g).to(kernel_device)
     rep = x.repeat_interleave(r, 0)
     want = torch.cdist(rep, c).pow(2).min(-1)
     labels_t, dist_t = kmeans_assign_torch(x, c)

@@ -10,12 +10,12 @@ RTOL = {torch.float32: 0.0, torch.bfloat16: 2.0 ** -7, torch.float16: 0.0}
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("n, c, k, b", [(16, 64, 4, 9), (37, 70, 5, 3), (1, 1, 2, 1), (100, 130, 30, 61)])
-def test_modulate_matches_torch(dtype, n, c, k, b, triton_ran):
+def test_modulate_matches_torch(dtype, n, c, k, b, triton_ran, kernel_device):
     g = torch.Generator().manual_seed(n * c + b)
-    shared = torch.randn(n, c, generator=g).to(dtype)
-    masks = (torch.rand(k, n, generator=g) > 0.5).to(dtype)
-    index = torch.randint(k, (b,), generator=g)
-    coef = (torch.randint(-1, 2, (b,), generator=g) * 10.0).to(dtype)
+    shared = torch.randn(n, c, generator=g).to(kernel_device, dtype)
+    masks = (torch.rand(k, n, generator=g) > 0.5).to(kernel_device, dtype)
+    index = torch.randint(k, (b,), generator=g).to(kernel_device)
+    coef = (torch.randint(-1, 2, (b,), generator=g) * 10.0).to(kernel_device, dtype)
     with triton_ran("modulate"):
         out = modulate(shared, masks, index, coef)
     assert out.shape == (b, n, c) and out.dtype == dtype

@@ -8,10 +8,10 @@ from emerdiff_fast.kernels import shared_attention, shared_attention_torch
 TOL = {torch.float32: (1e-5, 1e-5), torch.bfloat16: (2e-2, 2e-2), torch.float16: (2e-3, 2e-3)}
 
 
-def _inputs(heads, n, m, b, d, dtype, seed):
+def _inputs(heads, n, m, b, d, dtype, seed, device="cpu"):
     g = torch.Generator().manual_seed(seed)
-    probs = torch.softmax(torch.randn(heads, n, m, generator=g) * 3, -1).to(dtype)
-    v = torch.randn(b, m, heads * d, generator=g).to(dtype)
+    probs = torch.softmax(torch.randn(heads, n, m, generator=g) * 3, -1).to(device, dtype)
+    v = torch.randn(b, m, heads * d, generator=g).to(device, dtype)
     return probs, v
 
 
@@ -22,8 +22,8 @@ def _inputs(heads, n, m, b, d, dtype, seed):
     (3, 45, 77, 2, 24),     # cross-attention shape (M = 77 text tokens), d not a power of two
     (1, 1, 1, 1, 8),        # degenerate
 ])
-def test_shared_attention_matches_torch(dtype, heads, n, m, b, d, triton_ran):
-    probs, v = _inputs(heads, n, m, b, d, dtype, seed=heads * n + m + b)
+def test_shared_attention_matches_torch(dtype, heads, n, m, b, d, triton_ran, kernel_device):
+    probs, v = _inputs(heads, n, m, b, d, dtype, seed=heads * n + m + b, device=kernel_device)
     with triton_ran("shared_attention"):
         out = shared_attention(probs, v)
     assert out.shape == (b, n, heads * d) and out.dtype == dtype
@@ -35,8 +35,8 @@ def test_shared_attention_matches_torch(dtype, heads, n, m, b, d, triton_ran):
     torch.testing.assert_close(out[j, :, h * d:(h + 1) * d].double(), expected, atol=atol, rtol=rtol)
 
 
-def test_shape_mismatch_is_a_clear_error():
-    probs, v = _inputs(2, 8, 8, 2, 4, torch.float32, 0)
+def test_shape_mismatch_is_a_clear_error(kernel_device):
+    probs, v = _inputs(2, 8, 8, 2, 4, torch.float32, 0, kernel_device)
     with pytest.raises(ValueError, match="do not match"):
         shared_attention(probs, v[:, :5])
 
