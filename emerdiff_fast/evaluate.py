@@ -269,6 +269,14 @@ def format_table(results: dict) -> str:
 
 
 def cmd_eval(args) -> int:
+    from .commands.common import removed_if_unused
+
+    # a run that fails before any output leaves no folder (run.json and vocab.json are written first)
+    with removed_if_unused(Path(args.out), bookkeeping=("run.json", "vocab.json")):
+        return _eval(args)
+
+
+def _eval(args) -> int:
     from . import distributed
     from .commands.common import (UsageError, build_segmenter, build_vocabulary, check_device, check_out_dir,
                                   resolve_model_args)

@@ -130,19 +130,34 @@ def _model_folder(source) -> Path | None:
     return Path(source) if source and Path(source).is_dir() else None
 
 
+CAVEATS_KEY = "caveats"  # emerdiff.json: measured caveats per feature, beside the settings
+
+
+def _recommended_file(source) -> dict:
+    folder = _model_folder(source)
+    if folder is None or not (folder / RECOMMENDED_FILE).exists():
+        return {}
+    return json.loads((folder / RECOMMENDED_FILE).read_text())
+
+
 def recommended_settings(source) -> dict:
     """The EmerDiffConfig fields that a model folder's emerdiff.json recommends ({} if it
     has none): a pipeline, "mini", or a local folder."""
     from .config import ConfigError, EmerDiffConfig
 
-    folder = _model_folder(source)
-    if folder is None or not (folder / RECOMMENDED_FILE).exists():
-        return {}
-    settings = json.loads((folder / RECOMMENDED_FILE).read_text())
+    settings = {k: v for k, v in _recommended_file(source).items() if k != CAVEATS_KEY}
     unknown = set(settings) - set(EmerDiffConfig.__dataclass_fields__)
     if unknown:
-        raise ConfigError(f"{folder / RECOMMENDED_FILE} names unknown settings: {', '.join(sorted(unknown))}")
+        raise ConfigError(f"{_model_folder(source) / RECOMMENDED_FILE} names unknown settings: "
+                          f"{', '.join(sorted(unknown))}")
     return settings
+
+
+def model_caveats(source) -> dict[str, str]:
+    """Measured caveats a model's emerdiff.json carries, per feature (e.g. "labels": how
+    well it names segments, with the number and where it was measured); {} if none."""
+    caveats = _recommended_file(source).get(CAVEATS_KEY, {})
+    return {str(k): str(v) for k, v in caveats.items()}
 
 
 def load_pipeline(source, *, device=None, dtype=None, random_init: bool = False, seed: int = 0,

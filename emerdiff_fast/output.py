@@ -74,24 +74,86 @@ def boundaries(labels: np.ndarray) -> np.ndarray:
     return edge
 
 
+# Overlays of images smaller than this on their short side are drawn at an integer upscale
+# (nearest neighbour) that reaches it, so a 64 px scene can be looked at without zooming.
+OVERLAY_MIN_SIDE = 256
+
+
+def overlay_scale(shape: tuple[int, int], scale: int | None = None) -> int:
+    """The overlay's integer upscale for labels of `shape` (H, W): `scale` when given, else
+    the smallest that brings the short side to OVERLAY_MIN_SIDE (1 for larger images)."""
+    if scale is not None:
+        if scale < 1:
+            raise ValueError(f"overlay scale must be at least 1, got {scale}")
+        return int(scale)
+    return max(1, -(-OVERLAY_MIN_SIDE // max(1, min(shape))))
+
+
+def _fitted_font(draw, names, width: int, height: int):
+    """The largest default-font size (at most 1/12 of the short side, at least 8 px) at which
+    the longest name fits the picture's width; Pillow's bitmap font where sizes are unsupported."""
+    from PIL import ImageFont
+
+    longest = max(names, key=len)
+    size = max(8, min(width, height) // 12)
+    while True:
+        try:
+            font = ImageFont.load_default(size=size)
+        except TypeError:  # Pillow < 10.1: one bitmap size
+            return ImageFont.load_default()
+        box = draw.textbbox((0, 0), longest, font=font, stroke_width=1)
+        if box[2] - box[0] <= width - 2 or size <= 6:
+            return font
+        size -= 1
+
+
+def _place(box, width: int, height: int, taken: list) -> tuple[int, int]:
+    """Shift a text box (x0, y0, x1, y1) inside the picture, then down or up by its height
+    until it overlaps no box placed before (or no free place is found): the (dx, dy) shift."""
+    w, h = box[2] - box[0], box[3] - box[1]
+    dx = min(max(0, -box[0]), width - box[2]) if w <= width else -box[0]
+    dy = min(max(0, -box[1]), height - box[3])
+    for step in (0, 1, -1, 2, -2, 3, -3):
+        y0 = box[1] + dy + step * (h + 1)
+        if y0 < 0 or y0 + h > height:
+            continue
+        cand = (box[0] + dx, y0, box[2] + dx, y0 + h)
+        if not any(cand[0] < t[2] and t[0] < cand[2] and cand[1] < t[3] and t[1] < cand[3] for t in taken):
+            return dx, dy + step * (h + 1)
+    return dx, dy
+
+
 def overlay(photo: Image.Image, labels: np.ndarray, alpha: float = 0.5,
-            names: dict[int, str] | None = None) -> Image.Image:
-    """Segment colours blended over the photo, segment boundaries drawn in white; with
-    `names` (segment id -> name) each segment's name written at its pixels' median point."""
-    colours = palette()[labels]
+            names: dict[int, str] | None = None, scale: int | None = None) -> Image.Image:
+    """Segment colours blended over the photo, segment boundaries drawn in white, at the
+    integer upscale overlay_scale(labels.shape, scale) (nearest neighbour: labels stay crisp);
+    with `names` (segment id -> name) each segment's name written at its pixels' median
+    point, in a font sized to the picture, kept whole inside it and off the names before."""
+    k = overlay_scale(labels.shape, scale)
     base = np.asarray(photo.convert("RGB").resize((labels.shape[1], labels.shape[0])), dtype=np.float32)
-    out = (base * (1 - alpha) + colours * alpha).round().astype(np.uint8)
+    if k > 1:
+        labels = labels.repeat(k, 0).repeat(k, 1)
+        base = base.repeat(k, 0).repeat(k, 1)
+    out = (base * (1 - alpha) + palette()[labels] * alpha).round().astype(np.uint8)
     out[boundaries(labels)] = 255
     im = Image.fromarray(out, "RGB")
     if names:
         from PIL import ImageDraw
 
         draw = ImageDraw.Draw(im)
+        width, height = im.size
+        font = _fitted_font(draw, list(names.values()), width, height)
+        taken = []
         for i, name in names.items():
             ys, xs = np.nonzero(labels == i)
-            if len(xs):
-                draw.text((int(np.median(xs)), int(np.median(ys))), name, fill=(255, 255, 255), anchor="mm",
-                          stroke_width=1, stroke_fill=(0, 0, 0))
+            if not len(xs):
+                continue
+            at = (int(np.median(xs)), int(np.median(ys)))
+            box = draw.textbbox(at, name, font=font, anchor="mm", stroke_width=1)
+            dx, dy = _place(box, width, height, taken)
+            taken.append((box[0] + dx, box[1] + dy, box[2] + dx, box[3] + dy))
+            draw.text((at[0] + dx, at[1] + dy), name, font=font, fill=(255, 255, 255), anchor="mm",
+                      stroke_width=1, stroke_fill=(0, 0, 0))
     return im
 
 
@@ -167,7 +229,7 @@ def output_files(name: str, formats, labels: np.ndarray | None = None) -> list[s
 
 
 def save_result(result: SegmentationResult, photo: Image.Image, out_dir: Path, name: str,
-                difference_maps: bool = False, formats=DEFAULT_FORMATS) -> list[Path]:
+                difference_maps: bool = False, formats=DEFAULT_FORMATS, overlay_scale: int | None = None) -> list[Path]:
     """The chosen formats for one image under out_dir (name may hold sub-folders):
     NAME.labels.png (palette PNG, pixel value = segment id), NAME.overlay.png, NAME.npz,
     NAME.legend.json (id -> colour, area, bbox), NAME.rle.json (COCO RLE records) and
@@ -189,7 +251,7 @@ def save_result(result: SegmentationResult, photo: Image.Image, out_dir: Path, n
             files[name + CLASSES_SUFFIX] = _png(label_png(result.class_map))
     if "overlay" in formats:
         names = {r["id"]: r["label"] for r in records} if named else None
-        files[name + SUFFIXES["overlay"]] = _png(overlay(photo, labels, names=names))
+        files[name + SUFFIXES["overlay"]] = _png(overlay(photo, labels, names=names, scale=overlay_scale))
     if "legend" in formats:
         legend = {"segments": records}
         if named:  # the classes PNG's palette: index -> name and colour

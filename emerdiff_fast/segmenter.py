@@ -20,7 +20,7 @@ from .config import ConfigError, EmerDiffConfig, layer_grid, size_multiple, vae_
 from .engine import ChunkPlan, FastOptions, FastPath
 from .images import ImageError, load_image, processing_size, resize_labels, to_model_input
 from .kmeans import kmeans
-from .loading import recommended_settings
+from .loading import model_caveats, recommended_settings
 from .maps import assign_labels, gaussian_blur, mask_embeddings, masks_from_labels, naive_upsample
 from .result import SegmentationResult
 from .run import Progress, Run
@@ -56,6 +56,51 @@ def _graph_safe(compiled, mode: str, keep_output: bool = False):
     return call
 
 
+_SAID: set[str] = set()  # warnings given once per process
+
+
+def _once(message: str, *args) -> None:
+    text = message % args
+    if text not in _SAID:
+        _SAID.add(text)
+        log.warning(text)
+
+
+def expected_resolution(pipe) -> int:
+    """The resolution a model is meant for: its emerdiff.json's, else the UNet's sample size
+    times the VAE's factor (512 for SD 1.x/2.x-base)."""
+    recommended = recommended_settings(pipe).get("resolution")
+    return int(recommended or pipe.unet.config.sample_size * vae_scale_factor(pipe.vae.config))
+
+
+def settle_config(pipe, config: EmerDiffConfig | None, overrides: dict) -> EmerDiffConfig:
+    """The segmenter's config. Keyword overrides (EmerDiff(pipe, num_masks=30)) go on top of
+    the model's recommended settings (its emerdiff.json, else the method's defaults), or on
+    top of an explicit config. An explicit config means exactly what it says; where it departs
+    from the model's recommended values, that is logged once. Far from the model's expected
+    resolution (half or double), a warning says what it expects."""
+    fields = EmerDiffConfig.__dataclass_fields__
+    unknown = sorted(set(overrides) - set(fields))
+    if unknown:
+        raise TypeError(f"EmerDiff got unknown setting(s) {', '.join(unknown)}; EmerDiffConfig fields are "
+                        f"{', '.join(fields)}")
+    recommended = recommended_settings(pipe)
+    if config is None:
+        config = recommended_config(pipe, **overrides)
+    else:
+        departs = {k: v for k, v in recommended.items() if getattr(config, k) != v and k not in overrides}
+        config = config.replace(**overrides) if overrides else config
+        if departs:
+            _once("this EmerDiffConfig departs from the model's recommended settings (its emerdiff.json): %s; "
+                  "EmerDiff(pipe, field=value, ...) keeps the others", ", ".join(
+                      f"{k} {getattr(config, k)} (recommended {v})" for k, v in departs.items()))
+    expected = expected_resolution(pipe)
+    if not expected / 2 <= config.resolution <= expected * 2:
+        _once("resolution %d is far from the %d px this model expects: its segments may be poor (and a larger "
+              "resolution costs time as its square)", config.resolution, expected)
+    return config
+
+
 def recompile_limit() -> int:
     """Graphs dynamo keeps per compiled function before it stops compiling (and runs eager)."""
     cfg = torch._dynamo.config
@@ -75,6 +120,10 @@ class _StopForward(Exception):
 class EmerDiff:
     """Segment images with a Stable Diffusion pipeline.
 
+    config: an EmerDiffConfig, used exactly as given; None: the model's recommended settings
+    (its emerdiff.json), else the method's defaults. Keyword overrides of EmerDiffConfig
+    fields (EmerDiff(pipe, num_masks=30)) go on top of either. `caveats`: the model's measured
+    caveats per feature (e.g. "labels"), from its emerdiff.json.
     backend: "fast" (the default: the literal method's function, batched; see engine.py),
     "reference" (the literal method) or "naive" (bilinear upsampling of the low-resolution
     masks).
@@ -89,7 +138,9 @@ class EmerDiff:
 
     def __init__(self, pipe, config: EmerDiffConfig | None = None, backend: str = "fast", *,
                  compile: bool | str = False, compile_decode: bool | None = None, max_batch: int | None = None,
-                 decode_batch: int | None = None, options: FastOptions | None = None, progress: bool = False):
+                 decode_batch: int | None = None, options: FastOptions | None = None, progress: bool = False,
+                 **overrides):
+        config = settle_config(pipe, config, overrides)
         if backend not in BACKENDS:
             raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
         if backend != "fast" and (compile or options is not None):
@@ -98,8 +149,8 @@ class EmerDiff:
         if self.options.channels_last:
             pipe.unet.to(memory_format=torch.channels_last)
             pipe.vae.to(memory_format=torch.channels_last)
-        # no config: the model's recommended settings (its emerdiff.json), else the paper's
-        self.pipe, self.config, self.backend = pipe, config or recommended_config(pipe), backend
+        self.pipe, self.config, self.backend = pipe, config, backend
+        self.caveats = model_caveats(pipe)  # measured caveats per feature, from the model's emerdiff.json
         self.unet, self.vae = pipe.unet, pipe.vae
         self.device, self.dtype = self.unet.device, self.unet.dtype
         if self.device.type == "mps":  # the inversion's coefficients and noise are float64

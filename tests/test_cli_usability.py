@@ -226,16 +226,29 @@ def test_api_errors_skip(tiny_pipe, photo_path, tmp_path):
         seg(photo_path, errors="ignore")
 
 
-def test_readme_snippet_runs(photo_path):
+def test_readme_snippet_runs(monkeypatch):
+    """The README's Python example, exactly as written, from the repository root."""
     text = (REPO / "README.md").read_text()
     code = text.split("## Python API")[1].split("```python")[1].split("```")[0]
-    assert 'load_pipeline("CompVis/stable-diffusion-v1-4", device="cuda", dtype=torch.bfloat16)' in code
-    code = (code.replace('"CompVis/stable-diffusion-v1-4", device="cuda", dtype=torch.bfloat16', '"tiny"')
-                .replace("EmerDiffConfig(num_masks=30)", "EmerDiffConfig(num_masks=2, resolution=64, feature_samples=1)")
-                .replace('"photo.jpg"', repr(str(photo_path))))
+    monkeypatch.chdir(REPO)
     scope = {}
     exec(compile(code, "README.md", "exec"), scope)
-    assert scope["result"].labels.shape == (80, 96)
+    seg, result = scope["seg"], scope["result"]
+    assert result.labels.shape == (64, 64) and len(np.unique(result.labels)) <= 5
+    assert (seg.config.resolution, seg.config.lam, seg.config.t_modulate, seg.config.num_masks) == (64, 300.0, 881, 5)
+    assert scope["results"][1] is None and scope["results"][0].labels.shape == (64, 64)
+
+
+def test_readme_shows_the_shipped_emerdiff_json():
+    import json
+
+    from emerdiff_fast.mini import MODEL_DIR
+
+    shipped = json.loads((MODEL_DIR / "emerdiff.json").read_text())
+    block = (REPO / "README.md").read_text().split("The mini model's, as shipped:")[1].split("```json")[1].split("```")[0]
+    shown = json.loads(block.replace("...", ""))
+    assert {k: v for k, v in shown.items() if k != "caveats"} == {k: v for k, v in shipped.items() if k != "caveats"}
+    assert shipped["caveats"]["labels"].startswith(shown["caveats"]["labels"])
 
 
 @pytest.mark.parametrize("backend,max_batch", [("fast", None), ("fast", 2), ("reference", None)])

@@ -4,8 +4,12 @@ Imports nothing of the subcommands or of cli.py, so each of them can import it."
 from __future__ import annotations
 
 import argparse
+import contextlib
+import json
 import logging
 import os
+import re
+import shutil
 from pathlib import Path
 
 import torch
@@ -126,8 +130,71 @@ def check_out_dir(out: Path) -> None:
         raise UsageError(f"--out {out} is not writable ({exc.strerror or exc})") from None
 
 
+@contextlib.contextmanager
+def removed_if_unused(out: Path, bookkeeping: tuple[str, ...] = ()):
+    """Run a command; afterwards remove `out` if this run created it and wrote no output
+    into it: nothing but empty folders and the `bookkeeping` files a run writes before its
+    work (eval's run.json). A folder that existed before is never touched."""
+    existed = out.exists()
+    try:
+        yield
+    finally:
+        if not existed and out.is_dir():
+            left = [p for p in out.rglob("*") if not p.is_dir() and p.relative_to(out).as_posix() not in bookkeeping]
+            if not left:
+                shutil.rmtree(out, ignore_errors=True)
+
+
 # command-line option -> EmerDiffConfig field, for the options a model may recommend
 METHOD_OPTIONS = {"masks": "num_masks", "lam": "lam", "resolution": "resolution", "feature_samples": "feature_samples"}
+# EmerDiffConfig field -> the option a user typed, for messages in the user's words
+FIELD_OPTIONS = {field: "--" + option.replace("_", "-") for option, field in METHOD_OPTIONS.items()}
+
+
+def in_option_words(message: str) -> str:
+    """A ConfigError's message with field names replaced by the CLI options that set them
+    ("num_masks must be at least 2" -> "--masks must be at least 2")."""
+    for field, option in FIELD_OPTIONS.items():
+        message = re.sub(rf"\b{field}=", option + " ", message)
+        message = re.sub(rf"(?<![-\w]){field}\b", option, message)
+    return message.replace("unknown preset", "--preset: unknown preset")
+
+
+def model_configs(args) -> tuple[dict, dict] | None:
+    """The UNet and VAE configs of --model read without its weights (a local folder, the
+    mini model, a skeleton, or a single file's --single-file-config), else None (hub ids:
+    their configs come with the weights)."""
+    from ..loading import _model_folder, resolve_skeleton
+
+    folder = _model_folder(args.single_file_config or args.model)
+    if folder is None and isinstance(args.model, str):
+        folder = resolve_skeleton(args.model)
+    if folder is None or not (folder / "unet" / "config.json").is_file():
+        return None
+    try:
+        return tuple(json.loads((folder / part / "config.json").read_text()) for part in ("unet", "vae"))
+    except (OSError, ValueError):
+        return None  # the loader reports an unreadable config with its own message
+
+
+def method_config(args):
+    """The EmerDiffConfig the options describe, checked before the model loads; errors name
+    the options as typed (the Python API keeps the field names). Where the model's configs
+    can be read without weights, K is checked against its feature grid here too."""
+    from ..config import ConfigError, EmerDiffConfig, layer_grid
+
+    try:
+        config = EmerDiffConfig(**{**getattr(args, "model_settings", {}), "num_masks": args.masks,
+                                   "lam": args.lam, "seed": args.seed, "resolution": args.resolution,
+                                   "feature_samples": args.feature_samples,
+                                   "keep_aspect": getattr(args, "keep_aspect", False)}).with_preset(args.preset)
+        configs = model_configs(args)
+        if configs is not None:
+            size = (config.resolution, config.resolution)
+            config.check_grid(layer_grid(*configs, size, config.feature_layer))
+    except ConfigError as exc:
+        raise UsageError(in_option_words(str(exc))) from None
+    return config
 
 
 def resolve_model_args(args) -> None:
@@ -147,15 +214,13 @@ def resolve_model_args(args) -> None:
             setattr(args, option, recommended.get(field, EmerDiffConfig.__dataclass_fields__[field].default))
     # settings beyond these options (e.g. t_modulate) come with the model, unless --random-init
     args.model_settings = {k: v for k, v in recommended.items() if k not in METHOD_OPTIONS.values()}
+    args.config = method_config(args)
 
 
 def build_segmenter(args, progress: bool = False):
-    from .. import EmerDiff, EmerDiffConfig, FastOptions, load_pipeline
+    from .. import EmerDiff, FastOptions, load_pipeline
 
-    config = EmerDiffConfig(**{**getattr(args, "model_settings", {}), "num_masks": args.masks, "lam": args.lam,
-                               "seed": args.seed, "resolution": args.resolution,
-                               "feature_samples": args.feature_samples,
-                               "keep_aspect": getattr(args, "keep_aspect", False)}).with_preset(args.preset)
+    config = args.config if getattr(args, "config", None) is not None else method_config(args)
     if args.backend != "fast" and (args.compile or args.channels_last or args.max_batch):
         raise UsageError("--compile, --channels-last and --max-batch apply to --backend fast only")
     dtype = resolve_dtype(args.dtype, args.device)
@@ -176,4 +241,6 @@ def build_vocabulary(labels: list[str] | None, seg, config=None):
 
     if labels is None:
         return None
+    if "labels" in seg.caveats:  # measured, shipped with the model: said once, when names are asked for
+        log.warning("caveat: %s", seg.caveats["labels"])
     return Vocabulary(seg.pipe, labels, config, resolution=seg.config.resolution, keep_aspect=seg.config.keep_aspect)

@@ -17,7 +17,7 @@ import torch
 from ..datasets import read_names
 from ..output import DEFAULT_FORMATS
 from .common import (UsageError, add_model_args, build_segmenter, build_vocabulary, check_device, check_out_dir,
-                     resolve_model_args)
+                     positive_int, removed_if_unused, resolve_model_args)
 
 log = logging.getLogger("emerdiff_fast")
 
@@ -63,6 +63,11 @@ def parse_formats(value: str) -> tuple[str, ...]:
 
 
 def cmd_segment(args) -> int:
+    with removed_if_unused(Path(args.out)):  # a run that fails before any output leaves no folder
+        return _segment(args)
+
+
+def _segment(args) -> int:
     from tqdm import tqdm
 
     from .. import distributed
@@ -120,7 +125,8 @@ def cmd_segment(args) -> int:
                 log.error("%s: %s", path, exc)
                 continue
             writer.submit(clock.timed, "write", save_result, result, photo, out_dir, name,
-                          difference_maps=args.save_difference_maps, formats=args.format)
+                          difference_maps=args.save_difference_maps, formats=args.format,
+                          overlay_scale=args.overlay_scale)
             finished += 1
         writer.close()
     except KeyboardInterrupt:
@@ -206,6 +212,10 @@ def add_parser(sub, fmt) -> None:
     p.add_argument("--format", type=parse_formats, default=",".join(DEFAULT_FORMATS),
                    help="comma list of labels, overlay, npz, legend, rle (COCO RLE JSON), masks (one PNG per segment)")
     p.add_argument("--save-difference-maps", action="store_true", help="store the K difference maps in the npz")
+    p.add_argument("--overlay-scale", type=positive_int, default=None,
+                   help="integer upscale of the overlay picture (nearest neighbour; default: the smallest that "
+                        "makes its short side at least 256 px, 1 for larger images; labels, npz, masks and rle "
+                        "stay at the input size)")
     p.add_argument("--labels", help="name the segments: comma list of labels, e.g. 'cat,dog,grass,sky' (open "
                                     "vocabulary from the model's cross-attention; adds NAME.classes.png and names "
                                     "in the legend, overlay and npz)")
