@@ -26,6 +26,6 @@ setup(
         "Pillow",
         "tqdm",
     ],
-    extras_require={"test": ["pytest", "pytest-benchmark", "scikit-image", "pycocotools"]},
+    extras_require={"test": ["pytest", "pytest-benchmark", "pytest-xdist", "scikit-image", "pycocotools"]},
     entry_points={"console_scripts": ["emerdiff-fast=emerdiff_fast.cli:main"]},
 )

