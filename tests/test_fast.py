@@ -39,8 +39,12 @@ def test_fast_matches_reference(tiny_pipe, rand_image, seed, k, res, max_batch, 
     FastOptions(prefix_sharing=False),                                 # step 0 at full batch
 ], ids=["replay", "no-cross-reuse", "no-triton", "triton-attention", "no-prefix"])
 def test_every_technique_subset_matches_reference(tiny_pipe, rand_image, options):
-    """The waterfall's intermediate rows compute the same function as the reference path."""
+    """The waterfall's intermediate rows compute the same function as the reference path.
+    The interpreted shared-P kernel runs on a 10-step grid (4 denoising steps from t = 301):
+    every attention call goes through it, so the point holds at any step count."""
     cfg = EmerDiffConfig(num_masks=3, resolution=64, seed=4)
+    if options.triton_attention:
+        cfg = cfg.replace(num_inference_steps=10, t_modulate=301)
     ref, fast = _pair(tiny_pipe, cfg, rand_image(4, 64, 64), max_batch=4, options=options)
     assert rel_err(fast.difference_maps, ref.difference_maps) < 1e-4
     assert (fast.labels == ref.labels).mean() >= 0.999

@@ -81,3 +81,19 @@ def test_backends_do_not_touch_the_segmenter():
         assert "emerdiff_fast.segmenter" not in graph[name] and "emerdiff_fast" not in graph[name], name
         source = (PACKAGE / f"{backend}.py").read_text()
         assert not re.search(r"\bseg\b", source), name  # the segmenter is never passed in
+
+
+def test_a_checkout_imports_its_kernels_without_an_installer():
+    """On the GPU machine the project is a --target install shadowed by the checkout itself
+    (`python -m benchmarks.gpu_run` from the repository root puts it first on sys.path), so
+    no installer maps kernels/ to emerdiff_fast.kernels: the package loads it from beside
+    itself. Simulated with site-packages on the path but its .pth files (the editable
+    install's finder) not run."""
+    import site
+    import subprocess
+    import sys
+
+    code = (f"import sys; sys.path[:0] = [{str(PACKAGE.parent)!r}]; sys.path += {site.getsitepackages()!r}; "
+            "import emerdiff_fast.kernels as k, emerdiff_fast; print(k.__name__, k.modulate is not None)")
+    r = subprocess.run([sys.executable, "-S", "-c", code], capture_output=True, text=True, cwd=PACKAGE.parent)
+    assert r.returncode == 0 and r.stdout.split() == ["emerdiff_fast.kernels", "True"], r.stderr[-2000:]

@@ -51,10 +51,11 @@ def test_far_from_the_expected_resolution_warns_once(mini, tiny_pipe, our_log):
 def test_caveats_travel_with_the_model(mini, tiny_pipe, tmp_path, capsys):
     assert "class mIoU 0.071" in EmerDiff(mini).caveats["labels"]
     assert EmerDiff(tiny_pipe, num_masks=2, resolution=64).caveats == {}
-    rc = main(["segment", SCENE, "--out", str(tmp_path / "o"), "--labels", "background,disc", "--quiet"])
+    rc = main(["segment", SCENE, "--out", str(tmp_path / "o"), "--labels", "background,disc", "--quiet",
+               "--backend", "naive"])  # the caveat is the naming's, whatever the segments
     err = capsys.readouterr().err
     assert rc == 0 and err.count("caveat: the mini model names segments poorly") == 1
-    rc = main(["segment", SCENE, "--out", str(tmp_path / "p"), "--quiet"])  # no names asked: no caveat
+    rc = main(["segment", SCENE, "--out", str(tmp_path / "p"), "--quiet", "--backend", "naive"])  # no names: no caveat
     assert rc == 0 and "caveat:" not in capsys.readouterr().err
 
 
@@ -118,7 +119,7 @@ def test_small_overlays_are_upscaled_and_names_fit():
 
 
 def test_cli_overlay_scale(tmp_path):
-    assert main(["segment", SCENE, "--out", str(tmp_path), "--quiet", "--overlay-scale", "2"]) == 0
+    assert main(["segment", SCENE, "--out", str(tmp_path), "--quiet", "--overlay-scale", "2", "--backend", "naive"]) == 0
     name = "scene-10000901"
     assert Image.open(tmp_path / f"{name}.overlay.png").size == (128, 128)
     assert Image.open(tmp_path / f"{name}.labels.png").size == (64, 64)
