@@ -219,7 +219,6 @@ def stage_headline(s: Session) -> dict:
     pipe = s.pipeline("sd21-base", torch.bfloat16)
     cfg = EmerDiffConfig(num_masks=s.masks, resolution=s.resolution)
     rows = [timed_row(s, "reference", pipe, cfg, backend="reference")]
-    s.results["reference_labels"] = None
     rows.append(timed_row(s, "fast eager", pipe, cfg, reference_labels=s.results.get("fast_bf16_labels")))
     rows.append(timed_row(s, "fast compiled (default)", pipe, cfg, compile="default",
                           reference_labels=s.results.get("fast_bf16_labels")))

@@ -91,8 +91,7 @@ def settle_config(pipe, config: EmerDiffConfig | None, overrides: dict) -> EmerD
         departs = {k: v for k, v in recommended.items() if getattr(config, k) != v and k not in overrides}
         config = config.replace(**overrides) if overrides else config
         if departs:
-            _once("this EmerDiffConfig departs from the model's recommended settings (its emerdiff.json): %s; "
-                  "EmerDiff(pipe, field=value, ...) keeps the others", ", ".join(
+            _once("this config departs from the model's recommended settings (its emerdiff.json): %s", ", ".join(
                       f"{k} {getattr(config, k)} (recommended {v})" for k, v in departs.items()))
     expected = expected_resolution(pipe)
     if not expected / 2 <= config.resolution <= expected * 2:

@@ -224,7 +224,7 @@ def test_api_and_cli_match_draws_the_lines(tiny_pipe, photo_path, tmp_path, caps
     out = tmp_path / "m.png"
     rc = main(["hyperfeatures", "match", str(photo_path), str(photo_path), "--points", "10,10;50,40", "--model",
                "tiny", "--one-step", "--load-resolution", "64", "--out", str(out)])
-    assert rc == 0 and Image.open(out).size == (2 * 96, 80)
+    assert rc == 0 and Image.open(out).size == (2 * 96 * 4, 80 * 4)  # upscaled: short side 80 -> 320
     assert "wrote" in capsys.readouterr().out
 
 
@@ -288,3 +288,41 @@ def test_fp32_vae_under_a_bf16_unet():
     for feats in (f, g):
         assert all(torch.isfinite(m.float()).all() for m in feats.maps) and feats.latents.dtype == torch.float32
     assert images[0].size == (64, 64)
+
+
+def test_layers_come_from_the_unets_structure(tiny_pipe, tmp_path, capsys):
+    """SD's 12 decoder resnets; the mini model's 3 up blocks give 9, and `match` runs on it
+    (it failed with 'index 3 is out of range' when the 12 were hard-coded)."""
+    from emerdiff_fast import load_pipeline
+    from emerdiff_fast.cli import main
+    from emerdiff_fast.hyperfeatures.extract import decoder_layers
+
+    assert decoder_layers(tiny_pipe.unet) == tuple((i, j) for i in range(4) for j in range(3))
+    mini = load_pipeline("mini")
+    layers = decoder_layers(mini.unet)
+    assert len(layers) == sum(len(b.resnets) for b in mini.unet.up_blocks) < 12
+    scene = "examples/scenes/scene-10000901.png"
+    out = tmp_path / "m.png"
+    assert main(["hyperfeatures", "match", scene, scene, "--points", "10,10;40,30", "--one-step",
+                 "--out", str(out), "--quiet"]) == 0  # --model defaults to mini, at its 64 px
+    assert Image.open(out).size == (2 * 64 * 4, 64 * 4)
+    assert "(10, 10) -> (" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("args, message", [
+    (["match", "missing.png", "missing.png", "--points", "1,1"], "not found"),
+    (["match", "s.png", "s.png", "--points", "1,1;2"], "--points '1,1;2': give source keypoints"),
+    (["match", "s.png", "s.png", "--points", "500,1"], "--points 500,1 lies outside the 64x64 source image"),
+    (["match", "s.png", "s.png", "--points", "1,1", "--out", "nowhere/m.png"], "folder nowhere does not exist"),
+    (["extract", "s.png"], "extract needs --cache"),
+    (["match", "s.png", "s.png", "--points", "1,1", "--weights", "none.safetensors"], "--weights none.safetensors not found"),
+])
+def test_cli_errors_before_the_model_loads(args, message, tmp_path, capsys, monkeypatch):
+    import emerdiff_fast
+    from emerdiff_fast.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    Image.new("RGB", (64, 64)).save(tmp_path / "s.png")
+    monkeypatch.setattr(emerdiff_fast, "load_pipeline", lambda *a, **k: pytest.fail("the model loaded"))
+    assert main(["hyperfeatures", *args]) == 2
+    assert message in capsys.readouterr().err

@@ -61,8 +61,8 @@ class Hyperfeatures:
               progress: bool = True) -> dict:
         return train(self.net, self.cache, train_pairs, val_pairs, config, out_dir, progress)
 
-    def evaluate(self, pairs: list[Pair], alpha: float = 0.1) -> dict:
-        return evaluate_pairs(self.net, self.cache, pairs, alpha)
+    def evaluate(self, pairs: list[Pair], alpha: float = 0.1, progress: bool = False) -> dict:
+        return evaluate_pairs(self.net, self.cache, pairs, alpha, progress=progress)
 
     def match(self, src, tgt, keypoints) -> np.ndarray:
         """(N, 2) x, y keypoints in src -> their nearest neighbours in tgt, x, y pixels."""
@@ -72,10 +72,16 @@ class Hyperfeatures:
 
 
 def draw_matches(src, tgt, src_kps, tgt_kps, radius: int = 4) -> Image.Image:
-    """The two images side by side with a coloured line between each matched pair."""
-    from ..output import palette
+    """The two images side by side with a coloured line between each matched pair. Small
+    images are upscaled first (nearest neighbour, the overlay's rule: short side at least
+    256 px), and the lines and points drawn at the upscaled size, so 64 px inputs can be read."""
+    from ..output import overlay_scale, palette
 
     a, b = load_image(src), load_image(tgt)
+    k = max(overlay_scale((a.height, a.width)), overlay_scale((b.height, b.width)))
+    if k > 1:
+        a, b = (im.resize((im.width * k, im.height * k), Image.NEAREST) for im in (a, b))
+        src_kps, tgt_kps = np.asarray(src_kps, float) * k, np.asarray(tgt_kps, float) * k
     h = max(a.height, b.height)
     canvas = Image.new("RGB", (a.width + b.width, h), "white")
     canvas.paste(a, (0, 0))

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import json
-import sys
+import os
 from pathlib import Path
 
 import numpy as np
@@ -11,15 +11,19 @@ import numpy as np
 def _common(p) -> None:
     from ..commands.common import DTYPES, add_logging_args
 
-    p.add_argument("--model", required=True, help="as for segment: hub id, folder, single file, or 'tiny'")
-    p.add_argument("--random-init", action="store_true")
-    p.add_argument("--device", default=None)
-    p.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
+    p.add_argument("--model", default=None, help="as for segment: hub id, folder, single file, 'mini' (the "
+                                                 "default: built in, trained on generated shapes) or 'tiny'")
+    p.add_argument("--random-init", action="store_true", help="--model is a config folder: seeded random weights")
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:N (default: cuda if present, else cpu)")
+    p.add_argument("--dtype", default="float32", choices=sorted(DTYPES), help="model weights and activations")
     p.add_argument("--one-step", action="store_true", help="the one-step variant (default: all 11 steps)")
-    p.add_argument("--load-resolution", type=int, default=512)
-    p.add_argument("--weights", default=None, help="a trained aggregation network (.safetensors)")
-    p.add_argument("--cache", default=None, help="folder caching extracted features")
-    p.add_argument("--quiet", action="store_true")
+    p.add_argument("--load-resolution", type=int, default=None,
+                   help="images are resized to this square (default: the model's resolution: 512 for SD, "
+                        "64 for mini)")
+    p.add_argument("--weights", default=None, help="a trained aggregation network (.safetensors; default: an "
+                                                   "untrained one)")
+    p.add_argument("--cache", default=None, help="folder caching extracted features (default: none)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
     add_logging_args(p)
 
 
@@ -36,25 +40,25 @@ def add_parser(sub, formatter_class=None) -> None:
                         formatter_class=formatter_class)
     hsub = hp.add_subparsers(dest="hf_command", required=True)
     p = hsub.add_parser("extract", help="features of images into --cache", formatter_class=formatter_class)
-    p.add_argument("images", nargs="+")
+    p.add_argument("images", nargs="+", help="image files whose features go to --cache")
     _common(p)
     p = hsub.add_parser("train", help="train the aggregation network", formatter_class=formatter_class)
     _common(p)
     _data(p)
     p.add_argument("--out", required=True, help="run folder: best.safetensors, last.pt (resumable)")
-    p.add_argument("--steps", type=int, default=5000)
-    p.add_argument("--val-every", type=int, default=1000)
+    p.add_argument("--steps", type=int, default=5000, help="training steps of one pair")
+    p.add_argument("--val-every", type=int, default=1000, help="steps between validations")
     p.add_argument("--val-pairs", type=int, default=360, help="validation pairs (the authors: 360)")
-    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--lr", type=float, default=1e-3, help="AdamW learning rate")
     p = hsub.add_parser("eval", help="PCK@0.1 on a test split", formatter_class=formatter_class)
     _common(p)
     _data(p)
-    p.add_argument("--split", default="test")
+    p.add_argument("--split", default="test", help="the split scored (SPair-71k: trn, val, test)")
     p = hsub.add_parser("match", help="match keypoints and draw the lines", formatter_class=formatter_class)
-    p.add_argument("src")
-    p.add_argument("tgt")
+    p.add_argument("src", help="source image (its --points are matched)")
+    p.add_argument("tgt", help="target image")
     p.add_argument("--points", required=True, help="source keypoints 'x,y;x,y;...' in source pixels")
-    p.add_argument("--out", default="matches.png")
+    p.add_argument("--out", default="matches.png", help="the picture: both images, a line per match")
     _common(p)
     hp.set_defaults(func=cmd_hyperfeatures)
 
@@ -68,32 +72,89 @@ def _pairs(args, split):
     return pairs[:args.limit]
 
 
-def _hyperfeatures(args):
-    import torch
+def parse_points(text: str) -> np.ndarray:
+    """--points 'x,y;x,y' -> (N, 2) floats; a UsageError naming the option otherwise."""
+    from ..commands.common import UsageError
 
+    try:
+        pts = [[float(v) for v in p.split(",")] for p in text.split(";") if p.strip()]
+    except ValueError:
+        pts = None
+    if not pts or any(len(p) != 2 for p in pts) or not np.isfinite(pts).all():
+        raise UsageError(f"--points {text!r}: give source keypoints as 'x,y;x,y;...' in pixels")
+    return np.array(pts)
+
+
+def check_inputs(args) -> None:
+    """Everything that can be checked before the model loads: images readable, points inside
+    the source image, output folders writable. One-line UsageErrors naming the option."""
+    from ..commands.common import UsageError, check_device, check_out_dir
+    from ..images import ImageError, load_image
+
+    check_device(args.device)
+    images = {"extract": getattr(args, "images", []), "match": [getattr(args, "src", None), getattr(args, "tgt", None)]}
+    for path in images.get(args.hf_command, []):
+        try:
+            load_image(path)
+        except ImageError as exc:
+            raise UsageError(str(exc)) from None
+    if args.hf_command == "extract" and not args.cache:
+        raise UsageError("extract needs --cache (the folder the features go to)")
+    if args.cache:
+        check_out_dir(Path(args.cache))
+    if args.hf_command == "train":
+        check_out_dir(Path(args.out))
+    if args.hf_command == "match":
+        args.points_xy = parse_points(args.points)
+        w, h = load_image(args.src).size
+        outside = [p for p in args.points_xy if not (0 <= p[0] < w and 0 <= p[1] < h)]
+        if outside:
+            raise UsageError(f"--points {outside[0][0]:g},{outside[0][1]:g} lies outside the {w}x{h} source image")
+        out = Path(args.out)
+        if out.suffix.lower() not in (".png", ".jpg", ".jpeg"):
+            raise UsageError(f"--out {out}: name a .png or .jpg file")
+        if not out.parent.is_dir():
+            raise UsageError(f"--out {out}: folder {out.parent} does not exist")
+        if not os.access(out.parent, os.W_OK):
+            raise UsageError(f"--out {out}: folder {out.parent} is not writable")
+    if args.weights and not Path(args.weights).is_file():
+        raise UsageError(f"--weights {args.weights} not found")
+
+
+def _hyperfeatures(args):
     from .. import load_pipeline
-    from ..commands.common import DTYPES, check_device
+    from ..commands.common import DTYPES
+    from ..segmenter import expected_resolution
     from . import Hyperfeatures
     from .extract import ExtractConfig
 
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    check_device(device)
-    pipe = load_pipeline(args.model, device=device, dtype=DTYPES[args.dtype], random_init=args.random_init)
-    cfg = (ExtractConfig.one_step(load_resolution=args.load_resolution) if args.one_step
-           else ExtractConfig(load_resolution=args.load_resolution))
+    pipe = load_pipeline(args.model, device=args.device, dtype=DTYPES[args.dtype], random_init=args.random_init)
+    resolution = args.load_resolution or expected_resolution(pipe)
+    cfg = (ExtractConfig.one_step(load_resolution=resolution) if args.one_step
+           else ExtractConfig(load_resolution=resolution))
     return Hyperfeatures(pipe, cfg, weights=args.weights, cache_dir=args.cache)
 
 
 def cmd_hyperfeatures(args) -> int:
+    import logging
+
+    import torch
+
     from .train import TrainConfig
 
+    if args.model is None:
+        args.model = "mini"
+        logging.getLogger("emerdiff_fast").info("no --model given: using the built-in mini model (generated shapes "
+                                                "only; give --model for photographs)")
+    args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    check_inputs(args)
+    pairs = None
+    if args.hf_command in ("train", "eval"):  # the data set is read before the model loads
+        pairs = _pairs(args, "trn" if args.hf_command == "train" else args.split)
     hf = _hyperfeatures(args)
     if args.hf_command == "extract":
         from tqdm import tqdm
 
-        if not args.cache:
-            print("error: extract needs --cache (the folder the features go to)", file=sys.stderr)
-            return 2
         for image in tqdm(args.images, desc="extract", disable=args.quiet):
             f = hf.cache.get(image)
         mb = sum(m.numel() * m.element_size() for m in f.maps) / 1e6
@@ -101,20 +162,19 @@ def cmd_hyperfeatures(args) -> int:
               f"{len(f.maps)} layers x {len(f.save_timestep)} timesteps)")
         return 0
     if args.hf_command == "train":
-        pairs = _pairs(args, "trn")
         val = _pairs(args, "val")[:args.val_pairs] if args.dataset == "spair" else pairs[-args.val_pairs:]
         res = hf.train(pairs, val, TrainConfig(steps=args.steps, val_every=args.val_every, lr=args.lr),
                        out_dir=args.out, progress=not args.quiet)
         print(json.dumps({"best_val_pck_img": res["best_pck_img"], "history": res["history"]}, indent=1))
         return 0
     if args.hf_command == "eval":
-        res = hf.evaluate(_pairs(args, args.split))
+        res = hf.evaluate(pairs, progress=not args.quiet)
         print(f"PCK@0.1 (image) {res['pck_img']:.2f}, PCK@0.1 (bbox) {res['pck_bbox']:.2f} "
               f"over {res['keypoints']} keypoints")
         return 0
     from . import draw_matches
 
-    pts = np.array([[float(v) for v in p.split(",")] for p in args.points.split(";") if p.strip()])
+    pts = args.points_xy
     found = hf.match(args.src, args.tgt, pts)
     draw_matches(args.src, args.tgt, pts, found).save(args.out)
     for (x1, y1), (x2, y2) in zip(pts, found):

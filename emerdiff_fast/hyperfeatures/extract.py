@@ -2,7 +2,8 @@
 features along a DDIM inversion (real images) or a DDIM sampling run (synthetic images).
 
 Faithful to the authors' code (diffusion-hyperfeatures/diffusion_hyperfeatures):
-* the 12 decoder resnets `up_blocks.{0..3}.resnets.{0..2}`; what they save is the resnet's
+* the decoder resnets, SD's 12 `up_blocks.{0..3}.resnets.{0..2}` (from the UNet's structure,
+  so other UNets give theirs); what they save is the resnet's
   residual branch, the output of its `conv2` (before the shortcut is added), which a
   forward hook on `conv2` captures (no forward is replaced);
 * DDIM (eta 0) on the grid 0, 20, ..., 980 (50 steps; DDIMScheduler's "leading" spacing,
@@ -23,6 +24,7 @@ layers at once.
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -42,7 +44,8 @@ class ExtractConfig:
     save_timestep: tuple[int, ...] = ALL_STEPS  # step indices whose features are kept
     load_resolution: int = 512                  # images are resized to this square
     output_resolution: int = 64                 # aggregation resolution (aggregation.py)
-    layers: tuple[tuple[int, int], ...] = tuple((i, j) for i in range(4) for j in range(3))
+    layers: tuple[tuple[int, int], ...] | None = None  # (up block, resnet); None: every decoder resnet
+                                                        # of the UNet (decoder_layers: SD's 12, fewer elsewhere)
     storage_dtype: torch.dtype = torch.bfloat16
     seed: int = 0
 
@@ -76,6 +79,12 @@ class Features:
         return Features([m[i:i + 1] for m in self.maps], self.save_timestep, self.latents[i:i + 1])
 
 
+def decoder_layers(unet) -> tuple[tuple[int, int], ...]:
+    """(up block, resnet) of every decoder resnet, from the UNet's own structure: SD 1.x/2.x's
+    up_blocks.{0..3}.resnets.{0..2} (the authors' 12), the mini model's 9, SDXL's 9."""
+    return tuple((i, j) for i, block in enumerate(unet.up_blocks) for j in range(len(block.resnets)))
+
+
 def ddim_grid(num_timesteps: int) -> list[int]:
     """0, 20, ..., 980 for 50 steps (leading spacing, steps_offset 0, as the authors' scheduler)."""
     ratio = 1000 // num_timesteps
@@ -94,6 +103,8 @@ class FeatureExtractor:
     def __init__(self, pipe, config: ExtractConfig | None = None, compile: bool = False, compile_backend="inductor"):
         self.pipe, self.config = pipe, config or ExtractConfig()
         self.unet, self.vae = pipe.unet, pipe.vae
+        if self.config.layers is None:
+            self.config = dataclasses.replace(self.config, layers=decoder_layers(self.unet))
         self.device, self.dtype = self.unet.device, self.unet.dtype
         self.modules = [self.unet.up_blocks[i].resnets[j].conv2 for i, j in self.config.layers]
         a = alphas_cumprod(pipe.scheduler.config).to(torch.float32)

@@ -74,14 +74,17 @@ class TrainConfig:
 
 
 def evaluate_pairs(net: AggregationNetwork, cache: FeatureCache, pairs: list[Pair], alpha: float = 0.1,
-                   descriptor=None) -> dict:
+                   descriptor=None, progress: bool = False) -> dict:
     """PCK@alpha by image size and by bounding box over all keypoints of `pairs`.
-    `descriptor(features) -> (1, P, R, R)` replaces the network (single-layer baselines)."""
+    `descriptor(features) -> (1, P, R, R)` replaces the network (single-layer baselines);
+    progress: a bar over the pairs."""
+    from tqdm import tqdm
+
     describe = descriptor or net
     hits_img, hits_box = [], []
     load = cache.extractor.config.load_resolution
     with torch.no_grad():
-        for p in pairs:
+        for p in tqdm(pairs, desc="eval", unit="pair", disable=not progress):
             hs, ht = describe(cache.get(p.src)), describe(cache.get(p.trg))
             pred = match(hs, ht, p.src_kps, p.src_size, p.trg_size, load)
             hits_img.append(pck(pred, p.trg_kps, p.trg_size, alpha=alpha))
