@@ -136,7 +136,7 @@ def stage_env(s: Session) -> dict:
 def stage_correctness(s: Session) -> dict:
     from emerdiff_fast import EmerDiff, EmerDiffConfig
 
-    from benchmarks.check_equivalence import TOLERANCE
+    from benchmarks.check_equivalence import TOLERANCE, _rel_l2
     from benchmarks.gpu_checks import run_checks
 
     out = {}
@@ -151,7 +151,7 @@ def stage_correctness(s: Session) -> dict:
     fast = EmerDiff(pipe, cfg)(image)
     fast_s = time.perf_counter() - t0
     s.results["fast_bf16_labels"] = fast.labels
-    rel = float(np.linalg.norm(fast.difference_maps - ref.difference_maps) / np.linalg.norm(ref.difference_maps))
+    rel = _rel_l2(fast.difference_maps, ref.difference_maps)
     agree = float((fast.labels == ref.labels).mean())
     tol_err, tol_agree = TOLERANCE["bfloat16"]
     out["equivalence"] = {"fast": "bfloat16", "reference": "float32", "rel_l2": rel, "label_agreement": agree,
@@ -182,14 +182,14 @@ def timed_row(s: Session, name: str, pipe, cfg, *, backend="fast", options=None,
     from emerdiff_fast import EmerDiff
 
     from benchmarks.common import floor_flops, peak_memory_gb, reset_peak_memory, square_chunk, time_calls
+    from benchmarks.waterfall import warm_up
 
     images = s.images(1 + s.timed_images)
     kwargs = {} if backend != "fast" else {"options": options, "compile": compile}
     seg = EmerDiff(pipe, cfg, backend=backend, **kwargs)
-    chunk = square_chunk(seg) if backend == "fast" else 2  # decided before the clock starts
     s.sync()
     t0 = time.perf_counter()
-    warm = seg(images[0])
+    warm, _ = warm_up(seg, images[0], count=False)  # the chunk is decided first, then the warm-up call
     s.sync()
     warm_s = time.perf_counter() - t0
     reset_peak_memory(s.device)
@@ -200,10 +200,11 @@ def timed_row(s: Session, name: str, pipe, cfg, *, backend="fast", options=None,
     floor = floor_flops(pipe, cfg.resolution, cfg.num_masks, n_steps)
     row = {"name": name, "backend": backend, "compile": compile or None, "median_s_per_image": median,
            "times_s": times, "compile_s": max(0.0, warm_s - median) if compile else None, "warm_up_s": warm_s,
-           "peak_mem_gb": peak_memory_gb(s.device), "chunk": chunk if backend == "fast" else None,
+           "peak_mem_gb": peak_memory_gb(s.device), "chunk": square_chunk(seg) if backend == "fast" else None,
            "floor_tflop": floor["floor_tflop"],
            "mfu": floor["floor_tflop"] / (median * s.results["peak_tflops"]) if s.results.get("peak_tflops") else None}
     if backend == "fast":
+        chunk = square_chunk(seg)
         model = seg.chunk_plan.memory_model((cfg.resolution,) * 2)
         row["predicted_peak_gb"] = (model.weights() + model.peak(chunk, seg.chunk_plan.decode_size(chunk))) / 1e9
         row["weights_gb_allocated"] = None if weights is None else weights / 1e9

@@ -66,11 +66,12 @@ def _once(message: str, *args) -> None:
         log.warning(text)
 
 
-def expected_resolution(pipe) -> int:
-    """The resolution a model is meant for: its emerdiff.json's, else the UNet's sample size
-    times the VAE's factor (512 for SD 1.x/2.x-base)."""
-    recommended = recommended_settings(pipe).get("resolution")
-    return int(recommended or pipe.unet.config.sample_size * vae_scale_factor(pipe.vae.config))
+def expected_resolution(pipe, recommended: dict | None = None) -> int:
+    """The resolution a model is meant for: its emerdiff.json's (`recommended`, when the
+    caller has read it already), else the UNet's sample size times the VAE's factor (512
+    for SD 1.x/2.x-base)."""
+    recommended = recommended_settings(pipe) if recommended is None else recommended
+    return int(recommended.get("resolution") or pipe.unet.config.sample_size * vae_scale_factor(pipe.vae.config))
 
 
 def settle_config(pipe, config: EmerDiffConfig | None, overrides: dict) -> EmerDiffConfig:
@@ -93,7 +94,7 @@ def settle_config(pipe, config: EmerDiffConfig | None, overrides: dict) -> EmerD
         if departs:
             _once("this config departs from the model's recommended settings (its emerdiff.json): %s", ", ".join(
                       f"{k} {getattr(config, k)} (recommended {v})" for k, v in departs.items()))
-    expected = expected_resolution(pipe)
+    expected = expected_resolution(pipe, recommended)
     if not expected / 2 <= config.resolution <= expected * 2:
         _once("resolution %d is far from the %d px this model expects: its segments may be poor (and a larger "
               "resolution costs time as its square)", config.resolution, expected)

@@ -220,7 +220,7 @@ def resolve_model_args(args) -> None:
 def build_segmenter(args, progress: bool = False):
     from .. import EmerDiff, FastOptions, load_pipeline
 
-    config = args.config if getattr(args, "config", None) is not None else method_config(args)
+    config = args.config  # resolve_model_args always sets it, before the model loads
     if args.backend != "fast" and (args.compile or args.channels_last or args.max_batch):
         raise UsageError("--compile, --channels-last and --max-batch apply to --backend fast only")
     dtype = resolve_dtype(args.dtype, args.device)

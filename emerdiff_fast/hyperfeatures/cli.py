@@ -92,10 +92,12 @@ def check_inputs(args) -> None:
     from ..images import ImageError, load_image
 
     check_device(args.device)
-    images = {"extract": getattr(args, "images", []), "match": [getattr(args, "src", None), getattr(args, "tgt", None)]}
-    for path in images.get(args.hf_command, []):
+    paths = (args.images if args.hf_command == "extract" else [args.src, args.tgt] if args.hf_command == "match"
+             else [])
+    sizes = {}  # image -> (W, H), each read once
+    for path in paths:
         try:
-            load_image(path)
+            sizes[path] = load_image(path).size
         except ImageError as exc:
             raise UsageError(str(exc)) from None
     if args.hf_command == "extract" and not args.cache:
@@ -106,7 +108,7 @@ def check_inputs(args) -> None:
         check_out_dir(Path(args.out))
     if args.hf_command == "match":
         args.points_xy = parse_points(args.points)
-        w, h = load_image(args.src).size
+        w, h = sizes[args.src]
         outside = [p for p in args.points_xy if not (0 <= p[0] < w and 0 <= p[1] < h)]
         if outside:
             raise UsageError(f"--points {outside[0][0]:g},{outside[0][1]:g} lies outside the {w}x{h} source image")
