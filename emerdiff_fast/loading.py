@@ -118,7 +118,7 @@ def resolve_skeleton(name: str) -> Path | None:
     return None
 
 
-def _model_folder(source) -> Path | None:
+def model_folder(source) -> Path | None:
     """The local folder a source loads from (None for hub ids, files and random models)."""
     if hasattr(source, "unet"):
         source = getattr(source, "name_or_path", None) or ""
@@ -134,7 +134,7 @@ CAVEATS_KEY = "caveats"  # emerdiff.json: measured caveats per feature, beside t
 
 
 def _recommended_file(source) -> dict:
-    folder = _model_folder(source)
+    folder = model_folder(source)
     if folder is None or not (folder / RECOMMENDED_FILE).exists():
         return {}
     return json.loads((folder / RECOMMENDED_FILE).read_text())
@@ -148,7 +148,7 @@ def recommended_settings(source) -> dict:
     settings = {k: v for k, v in _recommended_file(source).items() if k != CAVEATS_KEY}
     unknown = set(settings) - set(EmerDiffConfig.__dataclass_fields__)
     if unknown:
-        raise ConfigError(f"{_model_folder(source) / RECOMMENDED_FILE} names unknown settings: "
+        raise ConfigError(f"{model_folder(source) / RECOMMENDED_FILE} names unknown settings: "
                           f"{', '.join(sorted(unknown))}")
     return settings
 
@@ -184,10 +184,11 @@ def load_pipeline(source, *, device=None, dtype=None, random_init: bool = False,
     source_str = os.fspath(source)
     if source_str == "tiny":
         pipe = tiny_pipeline(seed)
-    elif source_str == "mini":
+    elif source_str == "mini" and not random_init:
         pipe = _load_mini(pipe_cls, dtype)
-    elif random_init:
-        path = Path(source_str) if Path(source_str).exists() else resolve_skeleton(source_str)
+    elif random_init:  # "mini" too: its architecture with seeded random weights (an untrained baseline)
+        path = model_folder(source_str) if source_str == "mini" else (
+            Path(source_str) if Path(source_str).exists() else resolve_skeleton(source_str))
         if path is None:
             raise ModelLoadError(
                 f"random_init needs a diffusers config folder; {source_str!r} does not exist "

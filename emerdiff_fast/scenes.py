@@ -17,7 +17,8 @@ On disk (`write_dataset`, read by datasets.SegmentationDataset("shapes", root)):
     ROOT/classes/ID.png      L: CLASSES index (0 background, 1 disc, 2 rectangle, 3 triangle)
 
 ID is the seed, zero-padded to 8 digits. Seed ranges: the mini model trains on seeds in
-TRAIN_SEEDS; HELDOUT_SEEDS are never used for training or for choosing settings.
+TRAIN_SEEDS and settings are chosen on VALIDATION_SEEDS; HELDOUT_SEEDS are never used for
+training or for choosing settings.
 """
 from __future__ import annotations
 
@@ -41,8 +42,19 @@ BACKGROUNDS = {"flat": "plain", "gradient": "gradient", "stripes": "striped", "n
 SIZE_RANGE = (0.12, 0.45)      # shape extent as a share of the image side
 MAX_SHAPES = 4
 TRAIN_SEEDS = range(0, 1_000_000)
+VALIDATION_SEEDS = range(5_000_000, 5_000_000 + 1000)  # for checkpoint choice; not held-out
 HELDOUT_SEEDS = range(10_000_000, 11_000_000)
+SPLITS = {"trn": TRAIN_SEEDS, "val": VALIDATION_SEEDS, "test": HELDOUT_SEEDS}
 DEFAULT_SIZE = 64
+
+
+def split_of(seeds: range) -> str:
+    """'trn', 'val' or 'test': the seed range all of `seeds` lie in (ValueError otherwise)."""
+    for name, r in SPLITS.items():
+        if seeds.start in r and seeds[-1] in r:
+            return name
+    ranges = ", ".join(f"{k} {r.start}..{r.stop - 1}" for k, r in SPLITS.items())
+    raise ValueError(f"seeds {seeds.start}..{seeds[-1]} do not lie in one split's range ({ranges})")
 
 
 @dataclass

@@ -316,6 +316,10 @@ def test_layers_come_from_the_unets_structure(tiny_pipe, tmp_path, capsys):
     (["match", "s.png", "s.png", "--points", "1,1", "--out", "nowhere/m.png"], "folder nowhere does not exist"),
     (["extract", "s.png"], "extract needs --cache"),
     (["match", "s.png", "s.png", "--points", "1,1", "--weights", "none.safetensors"], "--weights none.safetensors not found"),
+    (["eval", "--dataset", "spair", "--root", ".", "--baselines", "--one-step-weights", "no.safetensors"],
+     "--one-step-weights no.safetensors not found"),
+    (["eval", "--dataset", "spair", "--root", ".", "--json", "nowhere/rows.json"], "--json nowhere/rows.json"),
+    (["eval", "--dataset", "spair", "--root", "."], "expected SPair-71k annotations"),
 ])
 def test_cli_errors_before_the_model_loads(args, message, tmp_path, capsys, monkeypatch):
     import emerdiff_fast
@@ -326,3 +330,46 @@ def test_cli_errors_before_the_model_loads(args, message, tmp_path, capsys, monk
     monkeypatch.setattr(emerdiff_fast, "load_pipeline", lambda *a, **k: pytest.fail("the model loaded"))
     assert main(["hyperfeatures", *args]) == 2
     assert message in capsys.readouterr().err
+
+
+def test_batched_bottlenecks_equal_one_call_per_timestep():
+    torch.manual_seed(3)
+    net = AggregationNetwork(AggregationConfig((8, 12), 3, projection_dim=16, num_norm_groups=8, output_resolution=6))
+    with torch.no_grad():
+        net.mixing_weights.normal_()
+        feats = Features([torch.randn(2, 3, 8, 5, 5), torch.randn(2, 3, 12, 3, 3)], (0, 1, 2), torch.zeros(1))
+        w = net.mixing()
+        loop = sum(w[s, l] * net.single_layer(Features([m[:, :] for m in feats.maps], (), None), l, s)
+                   for s in range(3) for l in range(2))
+        torch.testing.assert_close(net(feats), loop, rtol=1e-5, atol=1e-5)
+
+
+def test_batched_fill_equals_single_extraction_and_models_do_not_share_a_cache(tiny_pipe, tmp_path):
+    from emerdiff_fast import load_pipeline
+    from emerdiff_fast.hyperfeatures.train import FeatureCache
+
+    cfg = ExtractConfig.one_step(load_resolution=64, storage_dtype=torch.float32)
+    images = [np.random.default_rng(i).integers(0, 255, (64, 64, 3), dtype=np.uint8) for i in range(3)]
+    paths = []
+    for i, im in enumerate(images):
+        Image.fromarray(im).save(tmp_path / f"{i}.png")
+        paths.append(str(tmp_path / f"{i}.png"))
+    batched = FeatureCache(FeatureExtractor(tiny_pipe, cfg), tmp_path / "cache")
+    batched.fill(paths, batch_size=3)
+    single = FeatureExtractor(tiny_pipe, cfg)
+    for p in paths:
+        one = single.extract([p])
+        for a, b in zip(batched.get(p).maps, one.maps):
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+    other = FeatureCache(FeatureExtractor(load_pipeline("tiny", seed=1), cfg), tmp_path / "cache")
+    assert other._key(paths[0]) != batched._key(paths[0])
+
+
+def test_a_model_without_shipped_weights_says_so(tmp_path, capsys):
+    from emerdiff_fast.cli import main
+
+    Image.new("RGB", (64, 64), "red").save(tmp_path / "s.png")
+    assert main(["hyperfeatures", "match", str(tmp_path / "s.png"), str(tmp_path / "s.png"), "--points", "3,3",
+                 "--model", "tiny", "--one-step", "--load-resolution", "64", "--out", str(tmp_path / "m.png"),
+                 "--quiet"]) == 0
+    assert "ships no trained one-step aggregation network" in capsys.readouterr().err

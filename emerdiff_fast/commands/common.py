@@ -164,9 +164,9 @@ def model_configs(args) -> tuple[dict, dict] | None:
     """The UNet and VAE configs of --model read without its weights (a local folder, the
     mini model, a skeleton, or a single file's --single-file-config), else None (hub ids:
     their configs come with the weights)."""
-    from ..loading import _model_folder, resolve_skeleton
+    from ..loading import model_folder, resolve_skeleton
 
-    folder = _model_folder(args.single_file_config or args.model)
+    folder = model_folder(args.single_file_config or args.model)
     if folder is None and isinstance(args.model, str):
         folder = resolve_skeleton(args.model)
     if folder is None or not (folder / "unet" / "config.json").is_file():

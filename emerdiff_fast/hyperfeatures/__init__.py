@@ -20,7 +20,19 @@ from .extract import ALL_STEPS, ExtractConfig, FeatureExtractor, Features
 from .train import FeatureCache, TrainConfig, evaluate_pairs, train
 
 __all__ = ["Hyperfeatures", "ExtractConfig", "AggregationNetwork", "AggregationConfig", "Features", "Pair",
-           "TrainConfig", "ALL_STEPS", "draw_matches"]
+           "TrainConfig", "ALL_STEPS", "draw_matches", "shipped_weights"]
+
+SHIPPED_DIR = "hyperfeatures"  # a model folder's trained aggregation networks: all-steps / one-step .safetensors
+
+
+def shipped_weights(source, one_step: bool = False):
+    """The aggregation network a model folder ships for its features (the mini model ships
+    both variants), or None: a pipeline, "mini" or a folder."""
+    from ..loading import model_folder
+
+    folder = model_folder(source)
+    path = folder / SHIPPED_DIR / f"{'one-step' if one_step else 'all-steps'}.safetensors" if folder else None
+    return path if path is not None and path.is_file() else None
 
 
 class Hyperfeatures:
@@ -45,7 +57,8 @@ class Hyperfeatures:
                                  f"gives {self.extractor.dims}")
         else:
             self.net = AggregationNetwork(AggregationConfig(tuple(self.extractor.dims), len(config.save_timestep),
-                                                            projection_dim, output_resolution=config.output_resolution))
+                                                            projection_dim,
+                                                            output_resolution=self.extractor.config.output_resolution))
             self.net.to(device)
 
     def extract(self, images) -> Features:

@@ -75,15 +75,18 @@ class AggregationNetwork(nn.Module):
         return torch.softmax(self.mixing_weights, 0).view(self.config.num_timesteps, -1)
 
     def forward(self, feats: Features | list[torch.Tensor]) -> torch.Tensor:
-        """Per-layer features (B, S, C_l, h_l, w_l) -> hyperfeatures (B, P, R, R), float32."""
+        """Per-layer features (B, S, C_l, h_l, w_l) -> hyperfeatures (B, P, R, R), float32.
+        Each layer's S timesteps go through its bottleneck as one batch (GroupNorm
+        normalises each sample alone, so this equals S separate calls, in 1/S the launches)."""
         maps = feats.maps if isinstance(feats, Features) else feats
         w = self.mixing()
         out = None
-        for s in range(self.config.num_timesteps):
-            for layer, block in enumerate(self.bottlenecks):
-                x = resize_to(maps[layer][:, s].float(), self.config.output_resolution)
-                y = w[s, layer] * block(x)
-                out = y if out is None else out + y
+        for layer, block in enumerate(self.bottlenecks):
+            x = maps[layer].float()
+            b, s = x.shape[:2]
+            y = block(resize_to(x.flatten(0, 1), self.config.output_resolution))
+            y = torch.einsum("bsprc,s->bprc", y.unflatten(0, (b, s)), w[:, layer])
+            out = y if out is None else out + y
         return out
 
     def single_layer(self, feats: Features, layer: int, timestep: int = 0) -> torch.Tensor:

@@ -20,8 +20,10 @@ def _common(p) -> None:
     p.add_argument("--load-resolution", type=int, default=None,
                    help="images are resized to this square (default: the model's resolution: 512 for SD, "
                         "64 for mini)")
-    p.add_argument("--weights", default=None, help="a trained aggregation network (.safetensors; default: an "
-                                                   "untrained one)")
+    p.add_argument("--weights", default=None,
+                   help="a trained aggregation network (.safetensors); default: the one the model ships (the mini "
+                        "model ships both variants), else an untrained one, said in one line (train: always starts "
+                        "from an untrained one unless given)")
     p.add_argument("--cache", default=None, help="folder caching extracted features (default: none)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     add_logging_args(p)
@@ -36,11 +38,14 @@ def _data(p) -> None:
 
 
 def add_parser(sub, formatter_class=None) -> None:
+    from ..commands.common import positive_int
+
     hp = sub.add_parser("hyperfeatures", help="Diffusion Hyperfeatures: extract, train, eval, match",
                         formatter_class=formatter_class)
     hsub = hp.add_subparsers(dest="hf_command", required=True)
     p = hsub.add_parser("extract", help="features of images into --cache", formatter_class=formatter_class)
     p.add_argument("images", nargs="+", help="image files whose features go to --cache")
+    p.add_argument("--batch-size", type=positive_int, default=8, help="images per inversion")
     _common(p)
     p = hsub.add_parser("train", help="train the aggregation network", formatter_class=formatter_class)
     _common(p)
@@ -50,10 +55,22 @@ def add_parser(sub, formatter_class=None) -> None:
     p.add_argument("--val-every", type=int, default=1000, help="steps between validations")
     p.add_argument("--val-pairs", type=int, default=360, help="validation pairs (the authors: 360)")
     p.add_argument("--lr", type=float, default=1e-3, help="AdamW learning rate")
+    p.add_argument("--projection-dim", type=positive_int, default=384,
+                   help="channels of the hyperfeature map (the authors' 384; the mini model's shipped networks: 128)")
     p = hsub.add_parser("eval", help="PCK@0.1 on a test split", formatter_class=formatter_class)
     _common(p)
     _data(p)
     p.add_argument("--split", default="test", help="the split scored (SPair-71k: trn, val, test)")
+    p.add_argument("--baselines", action="store_true",
+                   help="also score the one-step variant, the best single (layer, timestep) chosen on the val "
+                        "split, raw pixels and the VAE latent (one row each)")
+    p.add_argument("--one-step-weights", default=None,
+                   help="the one-step network for --baselines (default: the one the model ships; without one "
+                        "that row is left out)")
+    p.add_argument("--val-pairs", type=positive_int, default=100,
+                   help="validation pairs that choose --baselines' best single layer (SPair-71k: the val split)")
+    p.add_argument("--json", default=None, help="write the rows to this file: {\"rows\": [{\"name\", \"pck_bbox\", "
+                                                "\"pck_img\", \"keypoints\", ...}]} (default: none)")
     p = hsub.add_parser("match", help="match keypoints and draw the lines", formatter_class=formatter_class)
     p.add_argument("src", help="source image (its --points are matched)")
     p.add_argument("tgt", help="target image")
@@ -119,22 +136,51 @@ def check_inputs(args) -> None:
             raise UsageError(f"--out {out}: folder {out.parent} does not exist")
         if not os.access(out.parent, os.W_OK):
             raise UsageError(f"--out {out}: folder {out.parent} is not writable")
-    if args.weights and not Path(args.weights).is_file():
-        raise UsageError(f"--weights {args.weights} not found")
+    for option in ("weights", "one_step_weights"):
+        value = getattr(args, option, None)
+        if value and not Path(value).is_file():
+            raise UsageError(f"--{option.replace('_', '-')} {value} not found")
+    if getattr(args, "json", None):
+        out = Path(args.json)
+        if not out.parent.is_dir() or not os.access(out.parent, os.W_OK):
+            raise UsageError(f"--json {out}: folder {out.parent} does not exist or is not writable")
 
 
-def _hyperfeatures(args):
-    from .. import load_pipeline
-    from ..commands.common import DTYPES
+def _weights(args, one_step: bool, given):
+    """--weights (or --one-step-weights) if given, else the network the model ships; None
+    (an untrained network) said in one line."""
+    import logging
+
+    from . import shipped_weights
+
+    if given or args.hf_command == "train":
+        return given
+    shipped = shipped_weights(args.model, one_step)
+    kind = "one-step" if one_step else "all-steps"
+    if shipped is None:
+        logging.getLogger("emerdiff_fast").warning(
+            "--model %s ships no trained %s aggregation network: using an untrained one (train one with "
+            "`hyperfeatures train`, or give it)", args.model, kind)
+    return shipped
+
+
+def _hyperfeatures(args, pipe, one_step: bool, weights):
     from ..segmenter import expected_resolution
     from . import Hyperfeatures
     from .extract import ExtractConfig
 
-    pipe = load_pipeline(args.model, device=args.device, dtype=DTYPES[args.dtype], random_init=args.random_init)
     resolution = args.load_resolution or expected_resolution(pipe)
-    cfg = (ExtractConfig.one_step(load_resolution=resolution) if args.one_step
+    cfg = (ExtractConfig.one_step(load_resolution=resolution) if one_step
            else ExtractConfig(load_resolution=resolution))
-    return Hyperfeatures(pipe, cfg, weights=args.weights, cache_dir=args.cache)
+    return Hyperfeatures(pipe, cfg, weights=weights, cache_dir=args.cache,
+                         projection_dim=getattr(args, "projection_dim", 384))
+
+
+def _print_rows(rows) -> None:
+    for r in rows:
+        cats = ", ".join(f"{c} {v['pck_bbox']:.1f}" for c, v in r.categories.items())
+        print(f"{r.name:>10}: PCK@0.1 (bbox) {r.pck_bbox:.2f}, PCK@0.1 (image) {r.pck_img:.2f} over {r.keypoints} "
+              f"keypoints" + (f"; by category (bbox): {cats}" if cats else "") + (f"; {r.detail}" if r.detail else ""))
 
 
 def cmd_hyperfeatures(args) -> int:
@@ -142,6 +188,11 @@ def cmd_hyperfeatures(args) -> int:
 
     import torch
 
+    from .. import load_pipeline
+    from ..commands.common import DTYPES
+    from ..output import atomic_write
+    from .baselines import Row, baseline_rows
+    from .datasets import PairDataError
     from .train import TrainConfig
 
     if args.model is None:
@@ -150,29 +201,50 @@ def cmd_hyperfeatures(args) -> int:
                                                 "only; give --model for photographs)")
     args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     check_inputs(args)
-    pairs = None
+    pairs = val_pairs = None
     if args.hf_command in ("train", "eval"):  # the data set is read before the model loads
         pairs = _pairs(args, "trn" if args.hf_command == "train" else args.split)
-    hf = _hyperfeatures(args)
+        if args.hf_command == "train" or args.baselines:
+            if args.dataset == "spair":
+                try:
+                    val_pairs = _pairs(args, "val")[:args.val_pairs]
+                except PairDataError as exc:  # no val split: best-layer cannot be chosen honestly
+                    if args.hf_command == "train":
+                        raise
+                    logging.getLogger("emerdiff_fast").warning("no validation pairs (%s): no best-layer row", exc)
+            else:
+                val_pairs = pairs[-args.val_pairs:] if args.hf_command == "train" else None
+    pipe = load_pipeline(args.model, device=args.device, dtype=DTYPES[args.dtype], random_init=args.random_init)
+    hf = _hyperfeatures(args, pipe, args.one_step, _weights(args, args.one_step, args.weights))
     if args.hf_command == "extract":
-        from tqdm import tqdm
-
-        for image in tqdm(args.images, desc="extract", disable=args.quiet):
-            f = hf.cache.get(image)
+        hf.cache.fill(args.images, args.batch_size, progress=not args.quiet)
+        f = hf.cache.get(args.images[0])
         mb = sum(m.numel() * m.element_size() for m in f.maps) / 1e6
         print(f"features of {len(args.images)} images in {args.cache} ({mb:.1f} MB per image, "
               f"{len(f.maps)} layers x {len(f.save_timestep)} timesteps)")
         return 0
     if args.hf_command == "train":
-        val = _pairs(args, "val")[:args.val_pairs] if args.dataset == "spair" else pairs[-args.val_pairs:]
-        res = hf.train(pairs, val, TrainConfig(steps=args.steps, val_every=args.val_every, lr=args.lr),
+        res = hf.train(pairs, val_pairs, TrainConfig(steps=args.steps, val_every=args.val_every, lr=args.lr),
                        out_dir=args.out, progress=not args.quiet)
         print(json.dumps({"best_val_pck_img": res["best_pck_img"], "history": res["history"]}, indent=1))
         return 0
     if args.hf_command == "eval":
-        res = hf.evaluate(pairs, progress=not args.quiet)
-        print(f"PCK@0.1 (image) {res['pck_img']:.2f}, PCK@0.1 (bbox) {res['pck_bbox']:.2f} "
-              f"over {res['keypoints']} keypoints")
+        if args.baselines:
+            one = None
+            if not args.one_step:
+                weights = _weights(args, True, args.one_step_weights)
+                one = _hyperfeatures(args, pipe, True, weights) if weights else None
+            rows = baseline_rows(hf, one, pairs, val_pairs, progress=not args.quiet)
+            if args.one_step:
+                rows[0].name = "one-step"
+        else:
+            rows = [Row.of("one-step" if args.one_step else "aggregated", hf.evaluate(pairs, progress=not args.quiet))]
+        _print_rows(rows)
+        if args.json:
+            from dataclasses import asdict
+
+            atomic_write(Path(args.json), json.dumps({"rows": [asdict(r) for r in rows]}, indent=1).encode())
+            print(f"wrote {args.json}")
         return 0
     from . import draw_matches
 

@@ -43,7 +43,8 @@ class ExtractConfig:
     num_timesteps: int = 50                     # DDIM steps (1 for the one-step variant)
     save_timestep: tuple[int, ...] = ALL_STEPS  # step indices whose features are kept
     load_resolution: int = 512                  # images are resized to this square
-    output_resolution: int = 64                 # aggregation resolution (aggregation.py)
+    output_resolution: int | None = None        # aggregation resolution (aggregation.py); None: the
+                                                # latent grid (load_resolution / VAE factor: SD 64, mini 16)
     layers: tuple[tuple[int, int], ...] | None = None  # (up block, resnet); None: every decoder resnet
                                                         # of the UNet (decoder_layers: SD's 12, fewer elsewhere)
     storage_dtype: torch.dtype = torch.bfloat16
@@ -105,6 +106,9 @@ class FeatureExtractor:
         self.unet, self.vae = pipe.unet, pipe.vae
         if self.config.layers is None:
             self.config = dataclasses.replace(self.config, layers=decoder_layers(self.unet))
+        if self.config.output_resolution is None:
+            factor = 2 ** (len(self.vae.config.block_out_channels) - 1)
+            self.config = dataclasses.replace(self.config, output_resolution=self.config.load_resolution // factor)
         self.device, self.dtype = self.unet.device, self.unet.dtype
         self.modules = [self.unet.up_blocks[i].resnets[j].conv2 for i, j in self.config.layers]
         a = alphas_cumprod(pipe.scheduler.config).to(torch.float32)
@@ -127,11 +131,12 @@ class FeatureExtractor:
         if not isinstance(images, torch.Tensor):
             r = self.config.load_resolution
             images = torch.stack([to_model_input(load_image(im), r, Image.BILINEAR) for im in images])
-        g = torch.Generator().manual_seed(self.config.seed)
         with torch.inference_mode():  # the VAE in its own dtype: an fp32 VAE under a 16-bit UNet
             # is the usual cure for VAE overflow
             dist = self.vae.encode(images.to(self.vae.device, self.vae.dtype)).latent_dist
-            noise = torch.randn(dist.mean.shape, generator=g).to(dist.mean.device, dist.mean.dtype)
+            # each image its own seeded posterior sample, so a batch gives what single images give
+            noise = torch.cat([torch.randn((1, *dist.mean.shape[1:]), generator=torch.Generator().manual_seed(
+                self.config.seed)) for _ in range(dist.mean.shape[0])]).to(dist.mean.device, dist.mean.dtype)
             return ((dist.mean + dist.std * noise) * self.vae.config.scaling_factor).to(self.device)
 
     def _run(self, x: torch.Tensor, inversion: bool, context: torch.Tensor | None = None) -> Features:

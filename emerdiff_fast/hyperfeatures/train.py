@@ -27,40 +27,85 @@ from .extract import Features, FeatureExtractor
 log = logging.getLogger("emerdiff_fast")
 
 
+def model_fingerprint(unet) -> str:
+    """A short hash of a UNet's weights (a few values of its first and last parameters): a
+    cache shared by two models, or by a model and its random-init twin, keeps them apart."""
+    params = list(unet.parameters())
+    probe = torch.cat([params[0].detach().flatten()[:256], params[-1].detach().flatten()[:256]]).float().cpu()
+    return hashlib.sha1(probe.numpy().tobytes()).hexdigest()[:12]
+
+
 class FeatureCache:
-    """Features of single images, on disk under `root` (and in memory for this process)."""
+    """Features of single images, on disk under `root` (and in memory for this process),
+    keyed by the image, the extraction settings and the model's weights."""
 
     def __init__(self, extractor: FeatureExtractor, root=None):
         self.extractor, self.root = extractor, Path(root) if root else None
         self._memory: dict[str, Features] = {}
         cfg = extractor.config
-        self._tag = json.dumps({k: str(v) for k, v in asdict(cfg).items()}, sort_keys=True)
+        tag = {k: str(v) for k, v in asdict(cfg).items()}
+        tag["model"] = model_fingerprint(extractor.unet)
+        self._tag = json.dumps(tag, sort_keys=True)
         if self.root:
             self.root.mkdir(parents=True, exist_ok=True)
 
     def _key(self, image) -> str:
         return hashlib.sha1(f"{image}|{self._tag}".encode()).hexdigest()[:20]
 
+    def _path(self, key: str) -> Path | None:
+        return self.root / f"{key}.safetensors" if self.root else None
+
+    def _load(self, key: str) -> Features | None:
+        path = self._path(key)
+        if path is None or not path.exists():
+            return None
+        from safetensors.torch import load_file
+
+        t = load_file(str(path))
+        n = len([k for k in t if k.startswith("layer")])
+        return Features([t[f"layer{i}"] for i in range(n)], self.extractor.config.save_timestep, t["latents"])
+
+    def _store(self, key: str, feats: Features) -> None:
+        path = self._path(key)
+        if path is not None:
+            from safetensors.torch import save
+
+            data = {f"layer{i}": m.contiguous().cpu() for i, m in enumerate(feats.maps)}
+            atomic_write(path, save({**data, "latents": feats.latents.contiguous().cpu()}))
+        self._memory[key] = feats
+
     def get(self, image) -> Features:
         key = self._key(image)
         if key in self._memory:
             return self._memory[key]
-        path = self.root / f"{key}.safetensors" if self.root else None
-        if path is not None and path.exists():
-            from safetensors.torch import load_file
-
-            t = load_file(str(path))
-            n = len([k for k in t if k.startswith("layer")])
-            feats = Features([t[f"layer{i}"] for i in range(n)], self.extractor.config.save_timestep, t["latents"])
-        else:
+        feats = self._load(key)
+        if feats is None:
             feats = self.extractor.extract([image])
-            if path is not None:
-                from safetensors.torch import save
-
-                data = {f"layer{i}": m.contiguous().cpu() for i, m in enumerate(feats.maps)}
-                atomic_write(path, save({**data, "latents": feats.latents.contiguous().cpu()}))
+            self._store(key, feats)
         self._memory[key] = feats
         return feats
+
+    def fill(self, images, batch_size: int = 16, progress: bool = False) -> None:
+        """Extract every image not cached yet, `batch_size` per inversion (each image's
+        features equal its single extraction: the posterior sample is seeded per image)."""
+        from tqdm import tqdm
+
+        todo = []
+        for image in dict.fromkeys(images):
+            key = self._key(image)
+            if key not in self._memory:
+                feats = self._load(key)
+                if feats is None:
+                    todo.append(image)
+                else:
+                    self._memory[key] = feats
+        with tqdm(total=len(todo), desc="extract", unit="image", disable=not progress) as bar:
+            for i in range(0, len(todo), batch_size):
+                chunk = todo[i:i + batch_size]
+                feats = self.extractor.extract(chunk)
+                for j, image in enumerate(chunk):
+                    self._store(self._key(image), feats.select(j))
+                bar.update(len(chunk))
 
 
 @dataclass
@@ -73,27 +118,38 @@ class TrainConfig:
     seed: int = 0
 
 
-def evaluate_pairs(net: AggregationNetwork, cache: FeatureCache, pairs: list[Pair], alpha: float = 0.1,
-                   descriptor=None, progress: bool = False) -> dict:
-    """PCK@alpha by image size and by bounding box over all keypoints of `pairs`.
-    `descriptor(features) -> (1, P, R, R)` replaces the network (single-layer baselines);
-    progress: a bar over the pairs."""
+def score_pairs(describe, pairs: list[Pair], load_resolution: int, alpha: float = 0.1,
+                progress: bool = False, desc: str = "eval") -> dict:
+    """PCK@alpha by image size and by bounding box over all keypoints of `pairs`, overall and
+    per category; describe(image) -> its descriptor map (1, P, R, R)."""
     from tqdm import tqdm
 
-    describe = descriptor or net
-    hits_img, hits_box = [], []
-    load = cache.extractor.config.load_resolution
+    hits: dict[str, dict[str, list]] = {}
     with torch.no_grad():
-        for p in tqdm(pairs, desc="eval", unit="pair", disable=not progress):
-            hs, ht = describe(cache.get(p.src)), describe(cache.get(p.trg))
-            pred = match(hs, ht, p.src_kps, p.src_size, p.trg_size, load)
-            hits_img.append(pck(pred, p.trg_kps, p.trg_size, alpha=alpha))
+        for p in tqdm(pairs, desc=desc, unit="pair", disable=not progress):
+            pred = match(describe(p.src), describe(p.trg), p.src_kps, p.src_size, p.trg_size, load_resolution)
+            h = hits.setdefault(p.category, {"img": [], "box": []})
+            h["img"].append(pck(pred, p.trg_kps, p.trg_size, alpha=alpha))
             if p.trg_bbox is not None:
-                hits_box.append(pck(pred, p.trg_kps, p.trg_size, bbox=p.trg_bbox, alpha=alpha))
-    img = np.concatenate(hits_img) if hits_img else np.zeros(0)
-    box = np.concatenate(hits_box) if hits_box else np.zeros(0)
-    return {"pck_img": float(img.mean() * 100) if img.size else float("nan"),
-            "pck_bbox": float(box.mean() * 100) if box.size else float("nan"), "keypoints": int(img.size)}
+                h["box"].append(pck(pred, p.trg_kps, p.trg_size, bbox=p.trg_bbox, alpha=alpha))
+
+    def summary(img: list, box: list) -> dict:
+        img, box = (np.concatenate(v) if v else np.zeros(0) for v in (img, box))
+        return {"pck_img": float(img.mean() * 100) if img.size else float("nan"),
+                "pck_bbox": float(box.mean() * 100) if box.size else float("nan"), "keypoints": int(img.size)}
+
+    out = summary([a for h in hits.values() for a in h["img"]], [a for h in hits.values() for a in h["box"]])
+    out["categories"] = {c: summary(h["img"], h["box"]) for c, h in sorted(hits.items())}
+    return out
+
+
+def evaluate_pairs(net: AggregationNetwork, cache: FeatureCache, pairs: list[Pair], alpha: float = 0.1,
+                   descriptor=None, progress: bool = False) -> dict:
+    """score_pairs with the network on cached features; `descriptor(features) -> (1, P, R, R)`
+    replaces the network (single-layer baselines)."""
+    describe = descriptor or net
+    return score_pairs(lambda image: describe(cache.get(image)), pairs, cache.extractor.config.load_resolution,
+                       alpha, progress)
 
 
 def train(net: AggregationNetwork, cache: FeatureCache, train_pairs: list[Pair], val_pairs: list[Pair],
@@ -116,6 +172,8 @@ def train(net: AggregationNetwork, cache: FeatureCache, train_pairs: list[Pair],
             log.info("resuming at step %d (best validation PCK %.1f)", start, best)
     order = np.random.default_rng(cfg.seed).permutation(max(cfg.steps, 1)) % len(train_pairs)
     bar = tqdm(range(start, cfg.steps), desc="train", disable=not progress, initial=start, total=cfg.steps)
+    running = None  # mean loss of the recent steps, for the bar and the history
+    last_pck = history[-1]["pck_img"] if history else float("nan")
     for step in bar:
         p = train_pairs[order[step]]
         loss = pair_loss(net(cache.get(p.src)), net(cache.get(p.trg)), p)
@@ -123,10 +181,15 @@ def train(net: AggregationNetwork, cache: FeatureCache, train_pairs: list[Pair],
         loss.backward()
         opt.step()
         done = step + 1
+        value = float(loss.detach())
+        running = value if running is None else 0.98 * running + 0.02 * value
+        if done % 10 == 0:
+            bar.set_postfix(loss=f"{running:.3f}", val_pck=f"{last_pck:.1f}", refresh=False)
         if done % cfg.val_every == 0 or done == cfg.steps:
             score = evaluate_pairs(net, cache, val_pairs, cfg.alpha) if val_pairs else {"pck_img": float("nan")}
-            history.append({"step": done, "loss": float(loss.detach()), **score})
-            bar.set_postfix(loss=f"{float(loss.detach()):.3f}", pck=f"{score['pck_img']:.1f}")
+            history.append({"step": done, "loss": running, **score})
+            last_pck = score["pck_img"]
+            bar.set_postfix(loss=f"{running:.3f}", val_pck=f"{last_pck:.1f}")
             if out is not None:
                 if score["pck_img"] > best:
                     best = score["pck_img"]

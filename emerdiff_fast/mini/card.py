@@ -99,10 +99,43 @@ def model_card(run: Path, best: dict) -> str:
     return "\n".join(lines)
 
 
+HF_HEADING = "## Diffusion Hyperfeatures"
+
+
+def hyperfeatures_section(target: Path = MODEL_DIR) -> str:
+    """The card's section on the shipped aggregation networks, from hyperfeatures/training.json
+    (written by benchmarks/hyperfeatures_mini.py --ship); "" when none ship."""
+    record = target / "hyperfeatures" / "training.json"
+    if not record.exists():
+        return ""
+    from ..hyperfeatures.baselines import Row, format_rows
+
+    t = json.loads(record.read_text())
+    train = "; ".join(f"{k}: best validation PCK@0.1 (image) {v['best_val_pck_img']:.1f}, extraction "
+                      f"{v['extract_s'] / 60:.1f} min, training {v['train_s'] / 60:.1f} min"
+                      for k, v in t["training"].items())
+    return "\n".join([
+        HF_HEADING, "",
+        "`hyperfeatures/all-steps.safetensors` and `one-step.safetensors`: aggregation networks trained on this "
+        "model's DDIM-inversion features of generated correspondence pairs (`scenes --pairs`; training pairs from "
+        "training seeds, checkpoints chosen on validation pairs), used by `hyperfeatures eval|match --model mini` "
+        "when no --weights is given.", "",
+        f"- Command: `{t['command']}`", f"- Training (2-core CPU): {train}.", "",
+        "Held-out pairs (test split, held-out seeds, never used for training or choices):", "",
+        format_rows([Row(**r) for r in t["rows"]]), ""])
+
+
+def with_hyperfeatures(card: str, target: Path = MODEL_DIR) -> str:
+    """`card` with its hyperfeatures section replaced by the current one."""
+    head = card.split(HF_HEADING)[0].rstrip() + "\n"
+    section = hyperfeatures_section(target)
+    return head + ("\n" + section if section else "")
+
+
 def ship(run: str | Path, target: Path = MODEL_DIR) -> Path:
     run = Path(run)
     best = json.loads((run / "best.json").read_text())
-    if target.exists():
+    if target.exists():  # aggregation networks shipped before fit the old weights' features: gone with them
         shutil.rmtree(target)
     shutil.copytree(run / "best", target)
     (target / RECOMMENDED_FILE).write_text(json.dumps({**RECOMMENDED, "caveats": CAVEATS}, indent=1) + "\n")

@@ -30,10 +30,9 @@ import torch.nn.functional as F
 from . import RESOLUTION, build_models
 from ..config import EmerDiffConfig
 from ..loading import SD_SCHEDULER
-from ..scenes import TRAIN_SEEDS, render_batch
+from ..scenes import TRAIN_SEEDS, VALIDATION_SEEDS, render_batch
 
 log = logging.getLogger("emerdiff_fast")
-VALIDATION_SEEDS = range(5_000_000, 5_000_000 + 1000)  # for checkpoint choice; not held-out
 
 
 @dataclass(frozen=True)
