@@ -9,7 +9,7 @@ import numpy as np
 
 
 def _common(p) -> None:
-    from ..commands.common import DTYPES, add_logging_args
+    from ..commands.common import DTYPES, add_logging_args, positive_int
 
     p.add_argument("--model", default=None, help="as for segment: hub id, folder, single file, 'mini' (the "
                                                  "default: built in, trained on generated shapes) or 'tiny'")
@@ -25,6 +25,8 @@ def _common(p) -> None:
                         "model ships both variants), else an untrained one, said in one line (train: always starts "
                         "from an untrained one unless given)")
     p.add_argument("--cache", default=None, help="folder caching extracted features (default: none)")
+    p.add_argument("--batch-size", type=positive_int, default=8,
+                   help="images per inversion when features are extracted (extract, train, eval)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     add_logging_args(p)
 
@@ -45,7 +47,6 @@ def add_parser(sub, formatter_class=None) -> None:
     hsub = hp.add_subparsers(dest="hf_command", required=True)
     p = hsub.add_parser("extract", help="features of images into --cache", formatter_class=formatter_class)
     p.add_argument("images", nargs="+", help="image files whose features go to --cache")
-    p.add_argument("--batch-size", type=positive_int, default=8, help="images per inversion")
     _common(p)
     p = hsub.add_parser("train", help="train the aggregation network", formatter_class=formatter_class)
     _common(p)
@@ -223,6 +224,9 @@ def cmd_hyperfeatures(args) -> int:
         print(f"features of {len(args.images)} images in {args.cache} ({mb:.1f} MB per image, "
               f"{len(f.maps)} layers x {len(f.save_timestep)} timesteps)")
         return 0
+    # every image's features up front, batch_size per inversion (one at a time is several times slower)
+    images = [im for p in (pairs or []) + (val_pairs or []) for im in (p.src, p.trg)]
+    hf.cache.fill(images, args.batch_size, progress=not args.quiet)
     if args.hf_command == "train":
         res = hf.train(pairs, val_pairs, TrainConfig(steps=args.steps, val_every=args.val_every, lr=args.lr),
                        out_dir=args.out, progress=not args.quiet)
@@ -234,6 +238,9 @@ def cmd_hyperfeatures(args) -> int:
             if not args.one_step:
                 weights = _weights(args, True, args.one_step_weights)
                 one = _hyperfeatures(args, pipe, True, weights) if weights else None
+                if one is not None:
+                    one.cache.fill([im for p in pairs for im in (p.src, p.trg)], args.batch_size,
+                                   progress=not args.quiet)
             rows = baseline_rows(hf, one, pairs, val_pairs, progress=not args.quiet)
             if args.one_step:
                 rows[0].name = "one-step"
