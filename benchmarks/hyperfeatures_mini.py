@@ -26,6 +26,7 @@ import torch
 from emerdiff_fast import load_pipeline
 from emerdiff_fast.hyperfeatures import AggregationNetwork, Hyperfeatures, SHIPPED_DIR, TrainConfig, draw_matches
 from emerdiff_fast.hyperfeatures.baselines import Row, baseline_rows, format_rows
+from emerdiff_fast.hyperfeatures.correspondence import pair_images
 from emerdiff_fast.hyperfeatures.datasets import spair_pairs
 from emerdiff_fast.hyperfeatures.extract import ExtractConfig
 from emerdiff_fast.mini import MODEL_DIR, RESOLUTION
@@ -52,9 +53,8 @@ def variant(name: str, args, pairs: dict, run: Path) -> tuple[Hyperfeatures, dic
     cfg = ExtractConfig.one_step(load_resolution=RESOLUTION) if one_step else ExtractConfig(load_resolution=RESOLUTION)
     torch.manual_seed(args.seed)  # the network's initialisation
     hf = Hyperfeatures(pipe, cfg, projection_dim=args.projection_dim, cache_dir=run / "cache")
-    images = [im for split in pairs.values() for p in split for im in (p.src, p.trg)]
     t0 = time.time()
-    hf.cache.fill(images, args.batch, progress=True)
+    hf.cache.fill(pair_images([p for split in pairs.values() for p in split]), args.batch, progress=True)
     extract_s = time.time() - t0
     t0 = time.time()
     res = hf.train(pairs["trn"], pairs["val"], TrainConfig(steps=args.steps, val_every=args.val_every, lr=args.lr,

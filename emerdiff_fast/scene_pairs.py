@@ -51,15 +51,16 @@ class Placement:
     extent: float   # pixels per frame unit (the object's diameter is one unit)
     angle: float    # radians
 
-    def apply(self, pts: np.ndarray) -> np.ndarray:
+    @property
+    def rotation(self) -> np.ndarray:
         c, s = np.cos(self.angle), np.sin(self.angle)
-        rot = np.array([[c, -s], [s, c]])
-        return np.asarray(self.centre) + self.extent * pts @ rot.T
+        return np.array([[c, -s], [s, c]])
+
+    def apply(self, pts: np.ndarray) -> np.ndarray:
+        return np.asarray(self.centre) + self.extent * pts @ self.rotation.T
 
     def invert(self, pts: np.ndarray) -> np.ndarray:
-        c, s = np.cos(self.angle), np.sin(self.angle)
-        rot = np.array([[c, -s], [s, c]])
-        return (pts - np.asarray(self.centre)) @ rot / self.extent
+        return (pts - np.asarray(self.centre)) @ self.rotation / self.extent
 
 
 @dataclass
@@ -89,10 +90,10 @@ class ScenePair:
     def transform(self) -> dict:
         """The similarity transform taking source pixels to target pixels."""
         s, t = self.src.placement, self.trg.placement
-        scale, rot = t.extent / s.extent, t.angle - s.angle
-        c, si = np.cos(rot), np.sin(rot)
-        shift = np.asarray(t.centre) - scale * np.array([[c, -si], [si, c]]) @ np.asarray(s.centre)
-        return {"scale": scale, "rotation_deg": float(np.degrees(rot)), "translation": shift.tolist()}
+        turn = Placement((0.0, 0.0), 1.0, t.angle - s.angle)
+        scale = t.extent / s.extent
+        shift = np.asarray(t.centre) - scale * turn.rotation @ np.asarray(s.centre)
+        return {"scale": scale, "rotation_deg": float(np.degrees(turn.angle)), "translation": shift.tolist()}
 
 
 def frame_shape(rng: np.random.Generator, kind: str) -> np.ndarray:

@@ -81,6 +81,7 @@ def test_training_on_mini_features_beats_its_untrained_start(tmp_path):
     pairs raise PCK@0.1 (image) on 12 held-out pairs above the untrained network's."""
     from emerdiff_fast import load_pipeline
     from emerdiff_fast.hyperfeatures import ExtractConfig, Hyperfeatures, TrainConfig
+    from emerdiff_fast.hyperfeatures.correspondence import pair_images
 
     root = tmp_path / "pairs"
     write_pairs(root, 30, TRAIN_SEEDS.start)
@@ -88,7 +89,7 @@ def test_training_on_mini_features_beats_its_untrained_start(tmp_path):
     trn, test = spair_pairs(root, "trn"), spair_pairs(root, "test")
     torch.manual_seed(0)
     hf = Hyperfeatures(load_pipeline("mini"), ExtractConfig.one_step(load_resolution=64), projection_dim=32)
-    hf.cache.fill([im for p in trn + test for im in (p.src, p.trg)], batch_size=42)
+    hf.cache.fill(pair_images(trn + test), batch_size=42)
     before = hf.evaluate(test)["pck_img"]
     hf.train(trn, [], TrainConfig(steps=200, val_every=200), progress=False)
     after = hf.evaluate(test)["pck_img"]

@@ -193,6 +193,7 @@ def cmd_hyperfeatures(args) -> int:
     from ..commands.common import DTYPES
     from ..output import atomic_write
     from .baselines import Row, baseline_rows
+    from .correspondence import pair_images
     from .datasets import PairDataError
     from .train import TrainConfig
 
@@ -225,8 +226,7 @@ def cmd_hyperfeatures(args) -> int:
               f"{len(f.maps)} layers x {len(f.save_timestep)} timesteps)")
         return 0
     # every image's features up front, batch_size per inversion (one at a time is several times slower)
-    images = [im for p in (pairs or []) + (val_pairs or []) for im in (p.src, p.trg)]
-    hf.cache.fill(images, args.batch_size, progress=not args.quiet)
+    hf.cache.fill(pair_images((pairs or []) + (val_pairs or [])), args.batch_size, progress=not args.quiet)
     if args.hf_command == "train":
         res = hf.train(pairs, val_pairs, TrainConfig(steps=args.steps, val_every=args.val_every, lr=args.lr),
                        out_dir=args.out, progress=not args.quiet)
@@ -239,8 +239,7 @@ def cmd_hyperfeatures(args) -> int:
                 weights = _weights(args, True, args.one_step_weights)
                 one = _hyperfeatures(args, pipe, True, weights) if weights else None
                 if one is not None:
-                    one.cache.fill([im for p in pairs for im in (p.src, p.trg)], args.batch_size,
-                                   progress=not args.quiet)
+                    one.cache.fill(pair_images(pairs), args.batch_size, progress=not args.quiet)
             rows = baseline_rows(hf, one, pairs, val_pairs, progress=not args.quiet)
             if args.one_step:
                 rows[0].name = "one-step"

@@ -25,6 +25,11 @@ class Pair:
     name: str = ""
 
 
+def pair_images(pairs: list[Pair]) -> list:
+    """Every image of `pairs`, source then target, in pair order."""
+    return [im for p in pairs for im in (p.src, p.trg)]
+
+
 def grid_index(kps: np.ndarray, size: tuple[int, int], r: int) -> torch.Tensor:
     """(N, 2) x, y in an image of `size` (W, H) -> flat indices on an r x r grid (rounded, clipped)."""
     x = np.clip(np.round(kps[:, 0] * r / size[0]), 0, r - 1)

@@ -31,6 +31,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from ..config import vae_scale_factor
 from ..images import load_image, to_model_input
 from ..sampling import alphas_cumprod
 
@@ -107,8 +108,8 @@ class FeatureExtractor:
         if self.config.layers is None:
             self.config = dataclasses.replace(self.config, layers=decoder_layers(self.unet))
         if self.config.output_resolution is None:
-            factor = 2 ** (len(self.vae.config.block_out_channels) - 1)
-            self.config = dataclasses.replace(self.config, output_resolution=self.config.load_resolution // factor)
+            self.config = dataclasses.replace(
+                self.config, output_resolution=self.config.load_resolution // vae_scale_factor(self.vae.config))
         self.device, self.dtype = self.unet.device, self.unet.dtype
         self.modules = [self.unet.up_blocks[i].resnets[j].conv2 for i, j in self.config.layers]
         a = alphas_cumprod(pipe.scheduler.config).to(torch.float32)
@@ -134,9 +135,10 @@ class FeatureExtractor:
         with torch.inference_mode():  # the VAE in its own dtype: an fp32 VAE under a 16-bit UNet
             # is the usual cure for VAE overflow
             dist = self.vae.encode(images.to(self.vae.device, self.vae.dtype)).latent_dist
-            # each image its own seeded posterior sample, so a batch gives what single images give
-            noise = torch.cat([torch.randn((1, *dist.mean.shape[1:]), generator=torch.Generator().manual_seed(
-                self.config.seed)) for _ in range(dist.mean.shape[0])]).to(dist.mean.device, dist.mean.dtype)
+            # every image the same seeded posterior draw, so a batch gives what single images give
+            g = torch.Generator().manual_seed(self.config.seed)
+            noise = torch.randn((1, *dist.mean.shape[1:]), generator=g).expand_as(dist.mean)
+            noise = noise.to(dist.mean.device, dist.mean.dtype)
             return ((dist.mean + dist.std * noise) * self.vae.config.scaling_factor).to(self.device)
 
     def _run(self, x: torch.Tensor, inversion: bool, context: torch.Tensor | None = None) -> Features:

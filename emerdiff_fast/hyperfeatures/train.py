@@ -80,10 +80,10 @@ class FeatureCache:
             return self._memory[key]
         feats = self._load(key)
         if feats is None:
-            feats = self.extractor.extract([image])
-            self._store(key, feats)
-        self._memory[key] = feats
-        return feats
+            self._store(key, self.extractor.extract([image]))
+        else:
+            self._memory[key] = feats
+        return self._memory[key]
 
     def fill(self, images, batch_size: int = 16, progress: bool = False) -> None:
         """Extract every image not cached yet, `batch_size` per inversion (each image's
