@@ -39,12 +39,12 @@ def test_unet_step(benchmark, seg, attention):
     batch = 2 * K + (attention == "shared-P")  # the fast path adds the reference member
     x = _latents(seg, batch)
     t = torch.tensor(seg.config.t_modulate, device=seg.device)
-    ctx = seg.context.expand(batch, -1, -1)
+    cond = seg.cond_at((RESOLUTION, RESOLUTION)).kwargs(batch)
     state = seg.fast.state
     state.modulation, state.step, state.modulate_now = demo_modulation(seg, batch), 0, True
     procs = seg.fast.processors if attention == "shared-P" else seg.unet.attn_processors
     with installed(seg.unet, procs):
-        step = lambda: (seg.unet(x, t, encoder_hidden_states=ctx), sync())  # noqa: E731
+        step = lambda: (seg.unet(x, t, **cond), sync())  # noqa: E731
         step()
         reset_peak_memory(DEVICE)
         benchmark.pedantic(step, rounds=5, iterations=1, warmup_rounds=1)

@@ -176,16 +176,19 @@ def floor_flops(pipe, resolution: int, num_masks: int, n_steps: int) -> dict[str
     counter has no formula for the CPU flash-attention kernel."""
     from diffusers.models.attention_processor import AttnProcessor
 
+    from emerdiff_fast.conditioning import placeholder
+    from emerdiff_fast.config import vae_scale_factor
+
     unet, vae = pipe.unet, pipe.vae
     dev, dt = unet.device, unet.dtype
-    lat = resolution // 8
+    lat = resolution // vae_scale_factor(vae.config)
     x = torch.zeros(1, unet.config.in_channels, lat, lat, device=dev, dtype=dt)
-    ctx = torch.zeros(1, 77, unet.config.cross_attention_dim, device=dev, dtype=dt)
+    cond = placeholder(unet.config, (resolution, resolution), dt, dev).kwargs(1)
     img = torch.zeros(1, 3, resolution, resolution, device=dev, dtype=dt)
     original = unet.attn_processors
     unet.set_attn_processor(AttnProcessor())
     try:
-        u, _ = count_flops(lambda: unet(x, 281, encoder_hidden_states=ctx))
+        u, _ = count_flops(lambda: unet(x, 281, **cond))
     finally:
         unet.set_attn_processor(original)
     dec, _ = count_flops(lambda: vae.decode(x[:, :vae.config.latent_channels]))

@@ -14,7 +14,7 @@ efficiencies below; benchmarks/waterfall.py on a GPU is what checks it. Not mode
 k-means (tiny), kernel launch overheads and host gaps (the fast path has few, large
 launches; the reference path many more), cuDNN algorithm choice.
 
-    python -m benchmarks.roofline [--model sd21-base|sd15|tiny] [--resolution 512] [--masks 30]
+    python -m benchmarks.roofline [--model sd21-base|sd15|sdxl-base|tiny] [--resolution 512] [--masks 30]
 """
 from __future__ import annotations
 
@@ -122,7 +122,7 @@ def count(fn) -> Trace:
 
 
 def meta_models(model: str, dtype: torch.dtype):
-    """UNet and VAE of a skeleton (sd21-base, sd15) or the tiny model, on the meta device."""
+    """UNet and VAE of a skeleton (sd21-base, sd15, sdxl-base) or the tiny model, on the meta device."""
     from emerdiff_fast import memory
 
     if model == "tiny":
@@ -139,13 +139,15 @@ def image_traces(unet, vae, resolution: int, num_masks: int, feature_samples: in
     sharing) and the reference path."""
     from emerdiff_fast.attention import (Modulation, ReferenceProcessor, RunState, SharedProcessor, installed,
                                          make_processors)
-    from emerdiff_fast.config import EmerDiffConfig
+    from emerdiff_fast.conditioning import placeholder
+    from emerdiff_fast.config import default_layers, layer_grid, vae_scale_factor
     from emerdiff_fast.prefix import PrefixState, prefix_hooks
 
-    dt, layer = unet.dtype, EmerDiffConfig().modulated_layer
-    side, members = resolution // 8, 2 * num_masks + 1
-    n = (side // 4) ** 2
-    ctx = torch.empty(1, 77, unet.config.cross_attention_dim, device="meta", dtype=dt)
+    dt, (_, layer) = unet.dtype, default_layers(unet)
+    side, members = resolution // vae_scale_factor(vae.config), 2 * num_masks + 1
+    h, w = layer_grid(unet.config, vae.config, (resolution, resolution), layer)
+    n = h * w  # positions of the modulated layer
+    cond = placeholder(unet.config, (resolution, resolution), dt)
     t = torch.tensor(281, device="meta")
 
     def latents(b):
@@ -156,7 +158,7 @@ def image_traces(unet, vae, resolution: int, num_masks: int, feature_samples: in
                           torch.zeros(b, device="meta"))
 
     def call(b):
-        return lambda: unet(latents(b), t, encoder_hidden_states=ctx.expand(b, -1, -1))
+        return lambda: unet(latents(b), t, **cond.kwargs(b))
 
     shared = RunState(mode="shared", modulated_layer=layer, modulation=modulation(members))
     prefix = PrefixState()
@@ -222,7 +224,7 @@ def markdown(r: dict) -> str:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--model", default="sd21-base", help="sd21-base, sd15 (skeletons) or tiny")
+    p.add_argument("--model", default="sd21-base", help="sd21-base, sd15, sdxl-base (skeletons) or tiny")
     p.add_argument("--resolution", type=int, default=512)
     p.add_argument("--masks", type=int, default=30)
     p.add_argument("--json", action="store_true")

@@ -31,6 +31,7 @@ import torch
 
 from emerdiff_fast import EmerDiff, EmerDiffConfig
 from emerdiff_fast.attention import installed
+from emerdiff_fast.config import vae_scale_factor
 from emerdiff_fast.engine import FastOptions
 from emerdiff_fast.sampling import ReverseSchedule
 
@@ -182,18 +183,18 @@ class Bench:
 
         seg = self.segmenter(replace(step, compile=False, compile_decode=False, max_batch=chunk))
         cfg, dev = self.config, self.device
-        lat = cfg.resolution // 8
+        lat = cfg.resolution // vae_scale_factor(seg.vae.config)
         state = seg.fast.state
         x = torch.randn(chunk + 1, seg.unet.config.in_channels, lat, lat, device=dev, dtype=seg.dtype)
-        ctx = seg.context.expand(chunk + 1, -1, -1)
+        cond = seg.cond_at((cfg.resolution, cfg.resolution)).kwargs(chunk + 1)
         t = torch.tensor(cfg.t_modulate, device=dev)
         activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if dev.type == "cuda" else [])
         with installed(seg.unet, seg.fast.processors):
             state.modulation, state.step, state.modulate_now = demo_modulation(seg, chunk + 1), 0, True
             for _ in range(2):  # warm-up
-                seg.unet(x, t, encoder_hidden_states=ctx)
+                seg.unet(x, t, **cond)
             with profile(activities=activities) as prof:
-                seg.unet(x, t, encoder_hidden_states=ctx)
+                seg.unet(x, t, **cond)
                 if dev.type == "cuda":
                     torch.cuda.synchronize()
             state.modulation = None

@@ -18,6 +18,21 @@ def leading_timesteps(num_inference_steps: int, num_train_timesteps: int = 1000,
     return [i * ratio + steps_offset for i in reversed(range(num_inference_steps))]
 
 
+class FromModelStr(str):
+    """A default that follows the model: equal to the value shown (SD's), replaced by the
+    model's own in EmerDiffConfig.for_model. A value the user passes is a plain str/int."""
+
+    follows_model = True
+
+
+class FromModelInt(int):
+    follows_model = True  # (FromModelStr's docstring)
+
+
+def follows_model(value) -> bool:
+    return getattr(value, "follows_model", False)
+
+
 @dataclass(frozen=True)
 class EmerDiffConfig:
     """Every knob of the method. Defaults are the paper's, or where its text is silent the
@@ -29,15 +44,19 @@ class EmerDiffConfig:
     feature_samples: int = 8            # (choice) noise draws whose queries are averaged (notebook: 100)
     t_modulate: int = 281               # timestep where modulated runs start
     num_inference_steps: int = 50       # grid 981, 961, ..., 1; coarser grids are faster, less exact
-    feature_layer: str = "up_blocks.1.attentions.0.transformer_blocks.0.attn2"    # to_q output
-    modulated_layer: str = "up_blocks.1.attentions.2.transformer_blocks.0.attn2"  # + c * M_i
+    # to_q output, and the layer that gets + c * M_i; by default the model's own (default_layers),
+    # SD's shown; a layer named by the user is used as named
+    feature_layer: str = FromModelStr("up_blocks.1.attentions.0.transformer_blocks.0.attn2")
+    modulated_layer: str = FromModelStr("up_blocks.1.attentions.2.transformer_blocks.0.attn2")
     modulate_steps: int = 1             # modulate at the first N steps from t_modulate (authors: 1)
     gaussian_sigma: float = 0.0         # extra smoothing of d_i before argmax, px; 0 = none (authors)
     kmeans_init: str = "k-means++"      # the only initialisation implemented
     kmeans_restarts: int = 10           # (choice) keep the restart with the lowest inertia
     kmeans_iterations: int = 100        # (choice) Lloyd iterations at most
     seed: int = 0
-    resolution: int = 512               # images are resized to resolution x resolution, or with
+    resolution: int = FromModelInt(512)  # by default the model's own (model_resolution: SD 1.x and
+                                        # 2.x-base 512 as shown, SDXL 1024); images are resized to
+                                        # resolution x resolution, or with
     keep_aspect: bool = False           # to about resolution^2 pixels, aspect ratio kept, each side
                                         # rounded up to the model's multiple (64 for SD; the notebook's
                                         # load_img(resize_to_512=False); its example squashes, as default)
@@ -82,6 +101,15 @@ class EmerDiffConfig:
         if self.decode_scale not in (1.0, 0.5):
             raise ConfigError(f"decode_scale must be 1.0 or 0.5, got {self.decode_scale}")
 
+    def for_model(self, unet, vae_config) -> "EmerDiffConfig":
+        """This config with the defaults that follow the model taken from it: resolution
+        (model_resolution) and the layers (default_layers). Values the user gave stay, and
+        on SD 1.x/2.x-base the model's own are the defaults shown."""
+        feature, modulated = default_layers(unet)
+        own = {"resolution": model_resolution(unet.config, vae_config), "feature_layer": feature,
+               "modulated_layer": modulated}
+        return self.replace(**{k: v for k, v in own.items() if follows_model(getattr(self, k))})
+
     @property
     def approximate(self) -> bool:
         """Whether this config leaves the exact method (a speed preset's changes)."""
@@ -112,6 +140,29 @@ class EmerDiffConfig:
 def vae_scale_factor(vae_config) -> int:
     """Image pixels per latent position (8 for SD: one downsampling per encoder block but the last)."""
     return 2 ** (len(vae_config["block_out_channels"]) - 1)
+
+
+def model_resolution(unet_config, vae_config) -> int:
+    """The image size a model was trained at: its UNet's sample size times the VAE factor
+    (SD 1.x and 2.x-base 64 x 8 = 512, SD 2.x 768, SDXL 128 x 8 = 1024)."""
+    return int(unet_config["sample_size"]) * vae_scale_factor(vae_config)
+
+
+def default_layers(unet) -> tuple[str, str]:
+    """(feature layer, modulated layer) from the UNet's own structure, one rule for every
+    model: in the lowest-resolution up block that has cross-attention, the first
+    cross-attention of its first attention gives the features and the first cross-attention
+    of its last attention is modulated. SD 1.x/2.x: up_blocks.1 (1/32 of the image),
+    attentions 0 and 2, the authors' layers. SDXL: up_blocks.0 (also 1/32), attentions 0
+    and 2. A distilled UNet with fewer blocks (SSD-1B, Vega) gets the same rule on what it
+    has; attentions without transformer blocks are passed over."""
+    for i, block in enumerate(unet.up_blocks):  # diffusers orders up blocks lowest resolution first
+        attentions = [j for j, a in enumerate(getattr(block, "attentions", None) or [])
+                      if len(getattr(a, "transformer_blocks", ())) and getattr(a.transformer_blocks[0], "attn2", None)]
+        if attentions:
+            return tuple(f"up_blocks.{i}.attentions.{j}.transformer_blocks.0.attn2"
+                         for j in (attentions[0], attentions[-1]))
+    raise ConfigError("this UNet has no up block with cross-attention: give feature_layer and modulated_layer")
 
 
 def layer_scale(unet_config, layer: str) -> int:

@@ -198,7 +198,7 @@ class FastPath:
                     torch.tensor([0.0] + sign, device=run.device) * run.lam)
                 with timed(timings, "denoise", run.device), self.compiling(chunk + 1):
                     x = denoise(run.unet_call, traj, traj.latents[0].expand(chunk + 1, -1, -1, -1),
-                                traj.anchored_step, state, run.context, run.dtype, run.modulate_steps,
+                                traj.anchored_step, state, run.cond, run.dtype, run.modulate_steps,
                                 on_step=run.progress.tick, prefix=self.prefix if sharing else None)
                 with timed(timings, "decode", run.device):
                     out.append(decode_pairs(run, x[1:], sign))

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-SKELETON_ENV = "EMERDIFF_SKELETONS"  # folder holding sd15/ and sd21-base/ config skeletons
+SKELETON_ENV = "EMERDIFF_SKELETONS"  # folder holding sd15/, sd21-base/, sdxl-base/ config skeletons
 RECOMMENDED_FILE = "emerdiff.json"
 
 
@@ -22,10 +22,47 @@ class ModelLoadError(RuntimeError):
     """Weights could not be found or loaded; the message says what to provide instead."""
 
 
-def _pipeline_class():
-    from diffusers import StableDiffusionPipeline
+# Pipelines EmerDiff runs on (model_index.json's _class_name): UNet text-to-image models of
+# the SD lineage. conditioning.py holds what differs between them.
+SUPPORTED_PIPELINES = ("StableDiffusionPipeline", "StableDiffusionXLPipeline")
 
-    return StableDiffusionPipeline
+
+def pipeline_class(name: str = "StableDiffusionPipeline", source: str = ""):
+    """The diffusers class named in a model_index.json, if EmerDiff supports it."""
+    import diffusers
+
+    if name not in SUPPORTED_PIPELINES:
+        where = f"{source!r} is a {name}" if source else f"{name} is not supported"
+        raise ModelLoadError(f"{where}; EmerDiff runs on {' and '.join(SUPPORTED_PIPELINES)} checkpoints "
+                             "(a UNet denoiser with CLIP text encoders)")
+    return getattr(diffusers, name)
+
+
+def _class_name(folder: Path) -> str:
+    try:
+        return json.loads((folder / "model_index.json").read_text())["_class_name"]
+    except (OSError, ValueError, KeyError) as exc:
+        raise ModelLoadError(f"{str(folder / 'model_index.json')!r} is unreadable or names no pipeline class "
+                             f"({type(exc).__name__})") from None
+
+
+def _single_file_class(path: Path) -> str:
+    """A single checkpoint's family from its tensor names (the header only): SDXL's carry
+    a second text encoder under conditioner.embedders.1; anything else loads as SD."""
+    if path.suffix == ".safetensors":
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt") as f:
+            if any(k.startswith("conditioner.embedders.1.") for k in f.keys()):
+                return "StableDiffusionXLPipeline"
+    return "StableDiffusionPipeline"
+
+
+def _pipeline_kwargs(cls) -> dict:
+    """SD's pipeline takes a safety checker, which EmerDiff never runs; SDXL's has none."""
+    if cls.__name__ == "StableDiffusionPipeline":
+        return {"safety_checker": None, "requires_safety_checker": False}
+    return {}
 
 
 @contextlib.contextmanager
@@ -66,7 +103,7 @@ def tiny_pipeline(seed: int = 0):
     tokenizer = _tiny_tokenizer()
     with _seeded(seed):
         unet = UNet2DConditionModel(
-            sample_size=16, in_channels=4, out_channels=4, layers_per_block=2,
+            sample_size=64, in_channels=4, out_channels=4, layers_per_block=2,  # 512 px, as SD
             block_out_channels=(32, 32, 64, 64), norm_num_groups=8, attention_head_dim=2,
             cross_attention_dim=32, use_linear_projection=True,
             down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
@@ -81,37 +118,51 @@ def tiny_pipeline(seed: int = 0):
             vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
             num_attention_heads=2, max_position_embeddings=77, projection_dim=32,
             bos_token_id=0, eos_token_id=1, pad_token_id=1))
-    return _pipeline_class()(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
-                             scheduler=DDPMScheduler(**SD_SCHEDULER), safety_checker=None,
-                             feature_extractor=None, requires_safety_checker=False)
+    return pipeline_class()(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
+                            scheduler=DDPMScheduler(**SD_SCHEDULER), safety_checker=None,
+                            feature_extractor=None, requires_safety_checker=False)
 
 
 def random_init_pipeline(config_dir: str | os.PathLike, seed: int = 0):
     """Full-size models built from a diffusers config folder (unet/, vae/, text_encoder/,
-    tokenizer/, scheduler/) with seeded random weights: identical compute, no weight files."""
+    tokenizer/, scheduler/; SDXL's text_encoder_2/ and tokenizer_2/ too) with seeded random
+    weights: identical compute, no weight files. The pipeline class is model_index.json's
+    (StableDiffusionPipeline without one)."""
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
     root = Path(config_dir)
-    missing = [p for p in ("unet/config.json", "vae/config.json", "text_encoder/config.json", "tokenizer")
-               if not (root / p).exists()]
+    name = _class_name(root) if (root / "model_index.json").exists() else "StableDiffusionPipeline"
+    cls = pipeline_class(name, str(root))
+    second = name == "StableDiffusionXLPipeline"
+    needed = ["unet/config.json", "vae/config.json", "text_encoder/config.json", "tokenizer"]
+    needed += ["text_encoder_2/config.json", "tokenizer_2"] if second else []
+    missing = [p for p in needed if not (root / p).exists()]
     if missing:
         raise ModelLoadError(f"{str(root)!r} is not a diffusers config folder: missing {', '.join(missing)}")
+    parts = {}
     with _seeded(seed):
-        unet = UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(root / "unet"))
-        vae = AutoencoderKL.from_config(AutoencoderKL.load_config(root / "vae"))
-        text_encoder = CLIPTextModel(CLIPTextConfig.from_pretrained(root / "text_encoder"))
-    tokenizer = CLIPTokenizer.from_pretrained(root / "tokenizer")
+        parts["unet"] = UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(root / "unet"))
+        parts["vae"] = AutoencoderKL.from_config(AutoencoderKL.load_config(root / "vae"))
+        parts["text_encoder"] = CLIPTextModel(CLIPTextConfig.from_pretrained(root / "text_encoder"))
+        if second:
+            parts["text_encoder_2"] = CLIPTextModelWithProjection(
+                CLIPTextConfig.from_pretrained(root / "text_encoder_2"))
+    parts["tokenizer"] = CLIPTokenizer.from_pretrained(root / "tokenizer")
+    if second:
+        parts["tokenizer_2"] = CLIPTokenizer.from_pretrained(root / "tokenizer_2")
     sched_dir = root / "scheduler"
-    scheduler = (DDPMScheduler.from_config(DDPMScheduler.load_config(sched_dir)) if sched_dir.exists()
-                 else DDPMScheduler(**SD_SCHEDULER))
-    return _pipeline_class()(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
-                             scheduler=scheduler, safety_checker=None, feature_extractor=None,
-                             requires_safety_checker=False)
+    parts["scheduler"] = (DDPMScheduler.from_config(DDPMScheduler.load_config(sched_dir)) if sched_dir.exists()
+                          else DDPMScheduler(**SD_SCHEDULER))
+    extra = {"feature_extractor": None, **_pipeline_kwargs(cls)}
+    if second:
+        index = json.loads((root / "model_index.json").read_text())
+        extra["force_zeros_for_empty_prompt"] = index.get("force_zeros_for_empty_prompt", True)
+    return cls(**parts, **extra)
 
 
 def resolve_skeleton(name: str) -> Path | None:
-    """`sd15` / `sd21-base` -> a skeleton folder under $EMERDIFF_SKELETONS, or None."""
+    """`sd15` / `sd21-base` / `sdxl-base` -> a skeleton folder under $EMERDIFF_SKELETONS, or None."""
     root = os.environ.get(SKELETON_ENV)
     if root and (Path(root) / name / "unet" / "config.json").exists():
         return Path(root) / name
@@ -162,7 +213,9 @@ def model_caveats(source) -> dict[str, str]:
 
 def load_pipeline(source, *, device=None, dtype=None, random_init: bool = False, seed: int = 0,
                   config: str | os.PathLike | None = None, **from_pretrained_kwargs):
-    """Load a StableDiffusionPipeline for EmerDiff.
+    """Load a Stable Diffusion pipeline for EmerDiff: StableDiffusionPipeline (SD 1.x, 2.x)
+    or StableDiffusionXLPipeline (SDXL base and its distillations), the class that the
+    checkpoint's model_index.json names.
 
     source: a pipeline object (used as is, moved only if device/dtype are given), "mini"
     (the built-in model trained on generated shapes), "tiny" (random weights), a local
@@ -171,10 +224,10 @@ def load_pipeline(source, *, device=None, dtype=None, random_init: bool = False,
     random_init=True builds full-size models from the config folder `source` with seeded
     random weights. device defaults to "cpu" and dtype to float32 for everything but objects.
     from_pretrained_kwargs (variant, revision, local_files_only, cache_dir, token, ...) go
-    to diffusers' from_pretrained / from_single_file as they are.
+    to diffusers' from_pretrained / from_single_file as they are. A float16 load keeps a VAE
+    whose config says force_upcast (SDXL's) in float32: it overflows in float16.
     """
-    pipe_cls = _pipeline_class()
-    if isinstance(source, pipe_cls) or hasattr(source, "unet") and hasattr(source, "vae"):
+    if hasattr(source, "unet") and hasattr(source, "vae"):
         pipe = source
         if device is not None or dtype is not None:
             pipe = pipe.to(device=device, dtype=dtype)
@@ -185,7 +238,7 @@ def load_pipeline(source, *, device=None, dtype=None, random_init: bool = False,
     if source_str == "tiny":
         pipe = tiny_pipeline(seed)
     elif source_str == "mini" and not random_init:
-        pipe = _load_mini(pipe_cls, dtype)
+        pipe = _load_mini(dtype)
     elif random_init:  # "mini" too: its architecture with seeded random weights (an untrained baseline)
         path = model_folder(source_str) if source_str == "mini" else (
             Path(source_str) if Path(source_str).exists() else resolve_skeleton(source_str))
@@ -195,24 +248,38 @@ def load_pipeline(source, *, device=None, dtype=None, random_init: bool = False,
                 f"(give a path, or a name under ${SKELETON_ENV})")
         pipe = random_init_pipeline(path, seed)
     else:
-        pipe = _load_weights(pipe_cls, source_str, dtype, config, from_pretrained_kwargs)
+        pipe = _load_weights(source_str, dtype, config, from_pretrained_kwargs)
     pipe.set_progress_bar_config(disable=True)
     if pipe.unet.dtype != dtype:
         pipe = pipe.to(dtype=dtype)
+    if dtype == torch.float16 and pipe.vae.config.get("force_upcast", False):
+        pipe.vae.to(torch.float32)  # the VAE runs in its own dtype everywhere (segmenter.encode/decode)
     return pipe.to(device=device)
 
 
-def _load_mini(pipe_cls, dtype):
+def _load_mini(dtype):
     from .mini import MODEL_DIR
 
     if not (MODEL_DIR / "model_index.json").exists():
         raise ModelLoadError(f"the mini model is not installed (no {MODEL_DIR / 'model_index.json'}); "
                              "train it with `python -m emerdiff_fast.mini train`, or use --model tiny")
-    return pipe_cls.from_pretrained(MODEL_DIR, torch_dtype=dtype, safety_checker=None,
-                                    requires_safety_checker=False, local_files_only=True)
+    return pipeline_class().from_pretrained(MODEL_DIR, torch_dtype=dtype, safety_checker=None,
+                                            requires_safety_checker=False, local_files_only=True)
 
 
-def _load_weights(pipe_cls, source: str, dtype, config, kwargs: dict):
+def _hub_class_name(source: str, kwargs: dict) -> str:
+    """model_index.json's class of a hub id (a small file, fetched or cached before the weights);
+    where it cannot be read, SD's, and from_pretrained reports what is wrong in its own words."""
+    from diffusers import DiffusionPipeline
+
+    keys = ("revision", "cache_dir", "token", "local_files_only")
+    try:
+        return DiffusionPipeline.load_config(source, **{k: v for k, v in kwargs.items() if k in keys})["_class_name"]
+    except Exception:  # offline, unknown id, no model_index.json: the load below says which
+        return "StableDiffusionPipeline"
+
+
+def _load_weights(source: str, dtype, config, kwargs: dict):
     path = Path(source)
     is_file_like = path.suffix in (".safetensors", ".ckpt")
     hint = ("give a local diffusers folder, a .safetensors/.ckpt file, a cached hub id, "
@@ -224,14 +291,17 @@ def _load_weights(pipe_cls, source: str, dtype, config, kwargs: dict):
         if path.is_file():
             if not is_file_like:
                 raise ModelLoadError(f"model file {source!r} must end in .safetensors or .ckpt")
+            name = _single_file_class(path)
             if config:
                 kwargs = {"config": os.fspath(config), "local_files_only": True, **kwargs}
-            return pipe_cls.from_single_file(source, torch_dtype=dtype, safety_checker=None,
-                                             requires_safety_checker=False, **kwargs)
+                if (Path(config) / "model_index.json").exists():
+                    name = _class_name(Path(config))
+            cls = pipeline_class(name, source)
+            return cls.from_single_file(source, torch_dtype=dtype, **_pipeline_kwargs(cls), **kwargs)
         if path.is_dir() and not (path / "model_index.json").exists():
             raise ModelLoadError(f"{source!r} is a folder but not a diffusers pipeline (no model_index.json); {hint}")
-        return pipe_cls.from_pretrained(source, torch_dtype=dtype, safety_checker=None,
-                                        requires_safety_checker=False, **kwargs)
+        cls = pipeline_class(_class_name(path) if path.is_dir() else _hub_class_name(source, kwargs), source)
+        return cls.from_pretrained(source, torch_dtype=dtype, **_pipeline_kwargs(cls), **kwargs)
     except ModelLoadError:
         raise
     except Exception as exc:  # hub/network/format errors: one line, no deep stack trace

@@ -22,6 +22,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
+from .conditioning import placeholder
 from .config import layer_grid, vae_scale_factor
 
 
@@ -103,11 +104,11 @@ def _unet_call_bytes(unet_json: str, vae_json: str, dtype: torch.dtype, size: tu
                                   torch.zeros(members, dtype=torch.long, device="meta"),
                                   torch.zeros(members, device="meta"))
     x = torch.empty(members, unet.config.in_channels, size[0] // f, size[1] // f, device="meta", dtype=dtype)
-    ctx = torch.empty(1, 77, unet.config.cross_attention_dim, device="meta", dtype=dtype).expand(members, -1, -1)
+    cond = placeholder(unet.config, size, dtype).kwargs(members)  # the empty prompt's shapes
     t = torch.tensor(281, device="meta")
-    existing = [*unet.parameters(), *unet.buffers(), x, ctx]
+    existing = [*unet.parameters(), *unet.buffers(), x, *tree_leaves(cond)]
     with installed(unet, make_processors(unet, SharedProcessor, state)):
-        return peak_bytes(lambda: unet(x, t, encoder_hidden_states=ctx).sample, existing)
+        return peak_bytes(lambda: unet(x, t, **cond).sample, existing)
 
 
 @functools.lru_cache(maxsize=64)

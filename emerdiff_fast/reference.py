@@ -29,13 +29,13 @@ def difference_maps(run: Run, traj: Trajectory, masks: torch.Tensor, timings: di
     maps = []
     with installed(run.unet, make_processors(run.unet, ReferenceProcessor, state)):
         with timed(timings, "denoise", run.device):
-            z = reference_run(run.unet, traj, state, run.context, run.dtype, on_step=run.progress.tick)
+            z = reference_run(run.unet, traj, state, run.cond, run.dtype, on_step=run.progress.tick)
         state.mode = "inject"
         for i in range(k):
             state.modulation = Modulation(masks, torch.tensor([i, i], device=run.device), plus_minus)
             with timed(timings, "denoise", run.device):
                 x = denoise(run.unet, traj, traj.latents[0].expand(2, -1, -1, -1),
-                            lambda j, x, eps: traj.step(j, x, eps, z[j]), state, run.context, run.dtype,
+                            lambda j, x, eps: traj.step(j, x, eps, z[j]), state, run.cond, run.dtype,
                             run.modulate_steps, on_step=run.progress.tick)
             with timed(timings, "decode", run.device):
                 images = run.decode(x)  # (I+, I-)

@@ -20,14 +20,14 @@ def difference_maps(run: Run, traj: Trajectory, masks: torch.Tensor, timings: di
     out = []
     with installed(run.unet, make_processors(run.unet, ReferenceProcessor, state)):
         with timed(timings, "denoise", run.device):
-            z = reference_run(run.unet, traj, state, run.context, run.dtype, on_step=run.progress.tick)
+            z = reference_run(run.unet, traj, state, run.cond, run.dtype, on_step=run.progress.tick)
         state.mode = "inject"
         for index, sign in plan:
             state.modulation = Modulation(masks, torch.tensor(index, device=run.device),
                                           torch.tensor(sign, device=run.device, dtype=torch.float32) * run.lam)
             with timed(timings, "denoise", run.device):
                 x = denoise(run.unet, traj, traj.latents[0].expand(run.chunk, -1, -1, -1),
-                            lambda i, x, eps: traj.step(i, x, eps, z[i]), state, run.context, run.dtype,
+                            lambda i, x, eps: traj.step(i, x, eps, z[i]), state, run.cond, run.dtype,
                             run.modulate_steps, on_step=run.progress.tick)
             with timed(timings, "decode", run.device):
                 out.append(decode_pairs(run, x, sign))

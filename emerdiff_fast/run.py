@@ -8,6 +8,8 @@ from typing import Callable
 
 import torch
 
+from .conditioning import Conditioning
+
 
 class Progress:
     """A per-image tqdm bar over a backend's units of work (UNet steps x chunks and decode
@@ -41,7 +43,7 @@ class Run:
     unet_call: Callable                           # what the loop calls: the UNet or its compiled form
     decode: Callable[[torch.Tensor], torch.Tensor]  # scaled final latents -> images in [-1, 1]
     static_decode: bool                           # decode calls must keep one batch (a compiled decode)
-    context: torch.Tensor                         # (1, L, D) empty-prompt text embedding, model dtype
+    cond: Conditioning                            # the empty prompt at this image's size, model dtype
     dtype: torch.dtype                            # the UNet's
     device: torch.device
     lam: float

@@ -28,6 +28,18 @@ from typing import Callable
 import torch
 
 from .config import ConfigError, EmerDiffConfig
+from .conditioning import Conditioning
+
+PREDICTIONS = ("epsilon", "v_prediction")  # model outputs the reverse step can use ("sample" is refused)
+
+
+def epsilon_from(prediction: str, out: torch.Tensor, x: torch.Tensor, sqrt_alpha, sqrt_one_minus) -> torch.Tensor:
+    """The noise estimate the reverse step and the inversion need, from the model's output:
+    itself for epsilon models; for v models (v = sqrt(a_t) eps - sqrt(1 - a_t) x_0),
+    eps = sqrt(a_t) v + sqrt(1 - a_t) x_t."""
+    if prediction == "epsilon":
+        return out
+    return sqrt_alpha * out + sqrt_one_minus * x
 
 
 def _scheduler(scheduler_config, num_inference_steps: int):
@@ -59,6 +71,7 @@ class ReverseSchedule:
     alpha_prev: torch.Tensor    # (S,) a_p: a(t - T/n), or alpha_bar(0) at the last step
     var: torch.Tensor           # (S,) (1 - a_p) / (1 - a_t) * (1 - a_t / a_p), > 0
     alpha_grid: torch.Tensor    # (G,) a_t at every grid timestep, in `grid` order
+    prediction: str = "epsilon"  # what the model outputs: "epsilon" or "v_prediction"
 
     def __len__(self) -> int:
         return int(self.timesteps.numel())
@@ -66,9 +79,10 @@ class ReverseSchedule:
     @classmethod
     def build(cls, scheduler_config, config: EmerDiffConfig) -> "ReverseSchedule":
         prediction = scheduler_config.get("prediction_type", "epsilon")
-        if prediction != "epsilon":
-            raise ConfigError(f"the checkpoint predicts {prediction!r}; EmerDiff's reverse step needs an "
-                              "epsilon-prediction model (SD 1.x, SD 2.x-base)")
+        if prediction not in PREDICTIONS:
+            raise ConfigError(f"the checkpoint predicts {prediction!r}; EmerDiff's reverse step needs a model "
+                              "that predicts the noise (epsilon: SD 1.x, SD 2.x-base, SDXL) or v (v_prediction: "
+                              "SD 2.x at 768 px)")
         sched = _scheduler(scheduler_config, config.num_inference_steps)
         grid = tuple(int(t) for t in sched.timesteps)
         if config.t_modulate not in grid:
@@ -85,7 +99,7 @@ class ReverseSchedule:
         a_t = ac[steps]
         a_p = torch.stack([ac[t - ratio] if t - ratio >= 0 else ac[0] for t in steps])
         var = (1 - a_p) / (1 - a_t) * (1 - a_t / a_p)
-        return cls(grid, torch.tensor(steps), a_t, a_p, var, ac[list(grid)])
+        return cls(grid, torch.tensor(steps), a_t, a_p, var, ac[list(grid)], prediction)
 
 
 @dataclass
@@ -103,9 +117,14 @@ class Trajectory:
     sqrt_alpha_prev: torch.Tensor
     direction: torch.Tensor       # sqrt(1 - a_p - var)
     std: torch.Tensor             # sqrt(var)
+    prediction: str = "epsilon"   # the model's output (ReverseSchedule.prediction)
 
     def __len__(self) -> int:
         return int(self.timesteps.numel())
+
+    def epsilon(self, i: int, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        """The model's output at step i turned into the noise estimate (epsilon_from)."""
+        return epsilon_from(self.prediction, out, x, self.sqrt_alpha[i], self.sqrt_one_minus[i])
 
     def mean(self, i: int, x: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
         x0 = (x - self.sqrt_one_minus[i] * eps) / self.sqrt_alpha[i]
@@ -165,16 +184,18 @@ def sample_trajectory(schedule: ReverseSchedule, x0: torch.Tensor, noise: torch.
 
     return Trajectory(schedule.timesteps.to(x0.device), cast(latents), cast(schedule.alpha.sqrt()),
                       cast((1 - schedule.alpha).sqrt()), cast(schedule.alpha_prev.sqrt()),
-                      cast((1 - schedule.alpha_prev - schedule.var).sqrt()), cast(schedule.var.sqrt()))
+                      cast((1 - schedule.alpha_prev - schedule.var).sqrt()), cast(schedule.var.sqrt()),
+                      schedule.prediction)
 
 
 Update = Callable[[int, torch.Tensor, torch.Tensor], torch.Tensor]
 
 
-def denoise(unet, traj: Trajectory, x: torch.Tensor, update: Update, state, context: torch.Tensor,
+def denoise(unet, traj: Trajectory, x: torch.Tensor, update: Update, state, cond: Conditioning,
             model_dtype: torch.dtype, modulate_steps: int, on_step: Callable[[], None] | None = None,
             prefix=None) -> torch.Tensor:
-    """Walk the trajectory from t_modulate to the end: x <- update(i, x, eps) per step.
+    """Walk the trajectory from t_modulate to the end: x <- update(i, x, eps) per step, eps
+    the model's output as a noise estimate (Trajectory.epsilon); cond: the empty prompt.
 
     `state` (attention.RunState) learns the step index and whether to modulate now. The loop
     body reads no tensor values on the host, and every UNet call has the same shapes.
@@ -182,25 +203,25 @@ def denoise(unet, traj: Trajectory, x: torch.Tensor, update: Update, state, cont
     `prefix` (prefix.PrefixState, fast path): at step 0, where every member's input is the
     same, the UNet runs on member 0 and its hooks widen the batch at the modulated block.
     """
-    ctx = context.expand(x.shape[0], -1, -1)
+    batch, one = cond.kwargs(x.shape[0]), cond.kwargs(1)
     for i in range(len(traj)):
         state.step = i
         state.modulate_now = state.modulation is not None and i < modulate_steps
         if prefix is not None and i == 0:
             prefix.width = x.shape[0]
             try:
-                eps = unet(x[:1].to(model_dtype), traj.timesteps[i], encoder_hidden_states=ctx[:1]).sample
+                out = unet(x[:1].to(model_dtype), traj.timesteps[i], **one).sample
             finally:
                 prefix.width = 0
         else:
-            eps = unet(x.to(model_dtype), traj.timesteps[i], encoder_hidden_states=ctx).sample
-        x = update(i, x, eps.to(x.dtype))
+            out = unet(x.to(model_dtype), traj.timesteps[i], **batch).sample
+        x = update(i, x, traj.epsilon(i, x, out.to(x.dtype)))
         if on_step is not None:
             on_step()
     return x
 
 
-def reference_run(unet, traj: Trajectory, state, context: torch.Tensor, model_dtype: torch.dtype,
+def reference_run(unet, traj: Trajectory, state, cond: Conditioning, model_dtype: torch.dtype,
                   on_step: Callable[[], None] | None = None) -> torch.Tensor:
     """The unmodulated run of SPEC 1.5: the UNet at each sampled x_t (the processors in
     `state` record what injection needs), and the noise maps z_t: (S, 1, C, h, w)."""
@@ -210,5 +231,5 @@ def reference_run(unet, traj: Trajectory, state, context: torch.Tensor, model_dt
         zs.append(traj.solve_noise(i, x, eps))
         return traj.latents[i + 1]
 
-    denoise(unet, traj, traj.latents[0], update, state, context, model_dtype, modulate_steps=0, on_step=on_step)
+    denoise(unet, traj, traj.latents[0], update, state, cond, model_dtype, modulate_steps=0, on_step=on_step)
     return torch.stack(zs)

@@ -16,7 +16,8 @@ import torch.nn.functional as F
 
 from . import reference
 from .attention import find_module
-from .config import ConfigError, EmerDiffConfig, layer_grid, size_multiple, vae_scale_factor
+from .conditioning import Conditioning, empty_prompt
+from .config import ConfigError, EmerDiffConfig, layer_grid, model_resolution, size_multiple, vae_scale_factor
 from .engine import ChunkPlan, FastOptions, FastPath
 from .images import ImageError, load_image, processing_size, resize_labels, to_model_input
 from .kmeans import kmeans
@@ -69,9 +70,9 @@ def _once(message: str, *args) -> None:
 def expected_resolution(pipe, recommended: dict | None = None) -> int:
     """The resolution a model is meant for: its emerdiff.json's (`recommended`, when the
     caller has read it already), else the UNet's sample size times the VAE's factor (512
-    for SD 1.x/2.x-base)."""
+    for SD 1.x/2.x-base, 1024 for SDXL)."""
     recommended = recommended_settings(pipe) if recommended is None else recommended
-    return int(recommended.get("resolution") or pipe.unet.config.sample_size * vae_scale_factor(pipe.vae.config))
+    return int(recommended.get("resolution") or model_resolution(pipe.unet.config, pipe.vae.config))
 
 
 def settle_config(pipe, config: EmerDiffConfig | None, overrides: dict) -> EmerDiffConfig:
@@ -79,7 +80,8 @@ def settle_config(pipe, config: EmerDiffConfig | None, overrides: dict) -> EmerD
     the model's recommended settings (its emerdiff.json, else the method's defaults), or on
     top of an explicit config. An explicit config means exactly what it says; where it departs
     from the model's recommended values, that is logged once. Far from the model's expected
-    resolution (half or double), a warning says what it expects."""
+    resolution (half or double), a warning says what it expects. Fields left to the model
+    (resolution, layers: None) are filled from it (EmerDiffConfig.for_model)."""
     fields = EmerDiffConfig.__dataclass_fields__
     unknown = sorted(set(overrides) - set(fields))
     if unknown:
@@ -94,6 +96,7 @@ def settle_config(pipe, config: EmerDiffConfig | None, overrides: dict) -> EmerD
         if departs:
             _once("this config departs from the model's recommended settings (its emerdiff.json): %s", ", ".join(
                       f"{k} {getattr(config, k)} (recommended {v})" for k, v in departs.items()))
+    config = config.for_model(pipe.unet, pipe.vae.config)
     expected = expected_resolution(pipe, recommended)
     if not expected / 2 <= config.resolution <= expected * 2:
         _once("resolution %d is far from the %d px this model expects: its segments may be poor (and a larger "
@@ -175,9 +178,10 @@ class EmerDiff:
             raise ValueError(f"decode_batch must be at least 1, got {decode_batch}")
         self.progress = Progress(progress)
         self.schedule = ReverseSchedule.build(pipe.scheduler.config, self.config)
-        with torch.inference_mode():
-            # empty prompt, no classifier-free guidance (SPEC 1.2)
-            self.context = pipe.encode_prompt("", self.device, 1, False)[0].to(self.dtype)
+        # the empty prompt, no classifier-free guidance (conditioning.py: SDXL's pooled text and
+        # time ids too); per processing size, SDXL's time ids name the size (run())
+        self.cond = empty_prompt(pipe, self.device, self.dtype)
+        self._conds: dict[tuple[int, int], Conditioning] = {}
         self.unet_call = self.unet
         self.decode_vae = self.vae  # a copy in config.decode_dtype when that differs (a speed preset)
         # the VAE runs in its own dtype (an fp32 VAE under a 16-bit UNet is the usual fix for
@@ -210,6 +214,12 @@ class EmerDiff:
                      if backend == "fast" else None)
         self.chunk_plan = ChunkPlan(dict(self.unet.config), dict(self.vae.config), self.dtype, self.device,
                                     self.config.modulated_layer, max_batch, decode_batch, self.decode_vae.dtype)
+
+    @property
+    def context(self) -> torch.Tensor:
+        """The text encoder states of `cond` (all of SD 1.x/2.x's conditioning; SDXL's UNet
+        needs cond.kwargs)."""
+        return self.cond.context
 
     def processing_size(self, image_size: tuple[int, int]) -> tuple[int, int]:
         """(H, W) the model sees for an image of PIL size (W, H) (config.keep_aspect)."""
@@ -252,9 +262,10 @@ class EmerDiff:
         x = noise_to(latent.float(), noise.to(self.device), a)
         to_q = find_module(self.unet, self.config.feature_layer).to_q
         handle = to_q.register_forward_hook(hook)
+        size = tuple(s * vae_scale_factor(self.vae.config) for s in latent.shape[-2:])
         try:
             self.unet(x.to(self.dtype), torch.tensor(self.config.t_feature, device=self.device),
-                      encoder_hidden_states=self.context.expand(x.shape[0], -1, -1))
+                      **self.cond_at(size).kwargs(x.shape[0]))
         except _StopForward:
             pass
         finally:
@@ -384,6 +395,13 @@ class EmerDiff:
     def max_compiled_shapes(self) -> int:
         return max(1, recompile_limit() // self.graphs_per_shape)
 
+    def cond_at(self, size: tuple[int, int]) -> Conditioning:
+        """The empty prompt for images processed at (H, W), kept per size (no copy per call)."""
+        size = (int(size[0]), int(size[1]))
+        if size not in self._conds:
+            self._conds[size] = self.cond.at_size(size)
+        return self._conds[size]
+
     def run(self, size: tuple[int, int]) -> Run:
         """What the backend gets for an image of processing size (H, W): the reference path
         runs one +/- pair at a time, the fast path its chunk plan's sizes."""
@@ -394,7 +412,7 @@ class EmerDiff:
         else:
             unet_call, decode, static_decode = self.unet_call, self.decode, self.static_decode
         return Run(unet=self.unet, unet_call=unet_call, decode=decode, static_decode=static_decode,
-                   context=self.context, dtype=self.dtype, device=self.device, lam=self.config.lam,
+                   cond=self.cond_at(size), dtype=self.dtype, device=self.device, lam=self.config.lam,
                    modulated_layer=self.config.modulated_layer, modulate_steps=self.config.modulate_steps,
                    chunk=chunk, decode_batch=self.chunk_plan.decode_size(chunk) if fast else 2,
                    progress=self.progress)

@@ -23,6 +23,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from . import conditioning
 from .attention import installed, plain_attention
 from .config import ConfigError, layer_grid, layer_scale, size_multiple, vae_scale_factor
 from .datasets import read_names
@@ -151,13 +152,24 @@ class Vocabulary:
         cfg = self.config
         # labels beyond one prompt's tokens go to further prompts, all run in the same UNet call
         self.groups = prompt_groups(pipe.tokenizer, labels, cfg.template, cfg.joiner)
-        prompts = [prompt_tokens(pipe.tokenizer, [labels[i] for i in g], cfg.template, cfg.joiner) for g in self.groups]
-        self.input_ids = [ids for ids, _ in prompts]
-        self.spans = [spans for _, spans in prompts]  # per group, per label in it
-        with torch.inference_mode():
-            self.context = pipe.text_encoder(torch.tensor(self.input_ids, device=pipe.text_encoder.device))[0]
-        self.context = self.context.to(self.unet.device, self.unet.dtype)  # (groups, L, D)
+        ids, spans = [], None  # per tokenizer (SDXL has two; they must place the labels alike)
+        for tok in conditioning.tokenizers(pipe):
+            prompts = [prompt_tokens(tok, [labels[i] for i in g], cfg.template, cfg.joiner) for g in self.groups]
+            ids.append(torch.tensor([p for p, _ in prompts]))
+            if spans is not None and spans != [s for _, s in prompts]:
+                raise ConfigError("this model's two tokenizers split the labels differently; label heat maps "
+                                  "need them to agree")
+            spans = [s for _, s in prompts]
+        self.input_ids = ids[0].tolist()
+        self.spans = spans  # per group, per label in it
+        self.cond = conditioning.encode_ids(pipe, ids, self.unet.dtype)  # (groups, L, D) and SDXL's extras
         self.multiple = size_multiple(self.unet.config, self.vae.config)
+
+    @property
+    def context(self) -> torch.Tensor:
+        """The text encoder states of `cond` (all of SD 1.x/2.x's conditioning; SDXL's UNet
+        needs cond.kwargs)."""
+        return self.cond.context
 
     @property
     def class_names(self) -> list[str]:
@@ -190,11 +202,12 @@ class Vocabulary:
         for name in self.layers:
             procs[f"{name}.processor"] = _Recorder(name, store)
         step, groups = cfg.draw_batch or cfg.noise_draws, len(self.groups)
+        cond = self.cond.at_size(size)
         with installed(self.unet, procs):
             for s in range(0, cfg.noise_draws, step):  # one UNet call per draw batch, every prompt in it
                 part = x[s:s + step]
                 n = part.shape[0]
-                self.unet(part.repeat_interleave(groups, 0), t, encoder_hidden_states=self.context.repeat(n, 1, 1))
+                self.unet(part.repeat_interleave(groups, 0), t, **cond.repeat(n).kwargs(n * groups))
                 for name in self.layers:  # batch element d * groups + g: draw d, prompt g
                     totals[name] = totals[name] + store.pop(name).unflatten(0, (n, groups)).sum(0)
         maps = []

@@ -82,8 +82,8 @@ def test_solved_noise_lands_on_the_next_sample_and_anchored_step_is_the_same(tin
 
 def test_checkpoints_that_do_not_fit(tiny_pipe):
     config = dict(tiny_pipe.scheduler.config)
-    with pytest.raises(ConfigError, match="epsilon-prediction"):
-        ReverseSchedule.build({**config, "prediction_type": "v_prediction"}, CFG)
+    with pytest.raises(ConfigError, match="predicts 'sample'"):
+        ReverseSchedule.build({**config, "prediction_type": "sample"}, CFG)
     with pytest.warns(UserWarning, match="set_alpha_to_one"):
         schedule = ReverseSchedule.build({**config, "set_alpha_to_one": True}, CFG)
     assert (schedule.var > 0).all()

@@ -64,7 +64,8 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--lam", type=float, default=None, help="modulation strength lambda (default: the model's, else 10)")
     p.add_argument("--seed", type=int, default=0, help="seeds the noise draws and k-means")
     p.add_argument("--resolution", type=int, default=None,
-                   help="processing resolution, a multiple of 64 (default: the model's, else 512)")
+                   help="processing resolution, a multiple of 64 (default: the model's emerdiff.json, else its own: "
+                        "UNet sample size x VAE factor, 512 for SD 1.x/2.x-base, 1024 for SDXL)")
     p.add_argument("--keep-aspect", action="store_true",
                    help="keep the aspect ratio: about resolution^2 pixels, sides rounded up to the model's "
                         "multiple (64 for SD), as the authors' notebook without resize_to_512; default: squash "
@@ -189,7 +190,10 @@ def method_config(args):
                                    "feature_samples": args.feature_samples,
                                    "keep_aspect": getattr(args, "keep_aspect", False)}).with_preset(args.preset)
         configs = model_configs(args)
-        if configs is not None:
+        if configs is not None:  # the model's own resolution and layers, from a weightless UNet
+            from ..memory import meta_models
+
+            config = config.for_model(meta_models(configs[0], configs[1], torch.float32)[0], configs[1])
             size = (config.resolution, config.resolution)
             config.check_grid(layer_grid(*configs, size, config.feature_layer))
     except ConfigError as exc:
@@ -215,6 +219,7 @@ def resolve_model_args(args) -> None:
     # settings beyond these options (e.g. t_modulate) come with the model, unless --random-init
     args.model_settings = {k: v for k, v in recommended.items() if k not in METHOD_OPTIONS.values()}
     args.config = method_config(args)
+    args.resolution = args.config.resolution  # the model's own where its configs could be read
 
 
 def build_segmenter(args, progress: bool = False):

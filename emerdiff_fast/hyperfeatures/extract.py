@@ -31,9 +31,11 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from .. import conditioning
+from ..conditioning import Conditioning, empty_prompt
 from ..config import vae_scale_factor
 from ..images import load_image, to_model_input
-from ..sampling import alphas_cumprod
+from ..sampling import alphas_cumprod, epsilon_from
 
 ALL_STEPS = (49, 45, 40, 35, 30, 25, 20, 15, 10, 5, 0)  # the authors' "all steps" save_timestep
 ONE_STEP = (0,)
@@ -93,7 +95,7 @@ def ddim_grid(num_timesteps: int) -> list[int]:
     return [i * ratio for i in range(num_timesteps)]
 
 
-def ddim_step(x, eps, a_t, a_next):
+def ddim_step(x, eps, a_t, a_next):  # eps: the noise estimate (sampling.epsilon_from for v models)
     """DDIM, eta 0: x0 = (x - sqrt(1 - a_t) eps) / sqrt(a_t); x' = sqrt(a') x0 + sqrt(1 - a') eps."""
     x0 = (x - (1 - a_t).sqrt() * eps) / a_t.sqrt()
     return a_next.sqrt() * x0 + (1 - a_next).sqrt() * eps
@@ -117,11 +119,21 @@ class FeatureExtractor:
         grid = ddim_grid(self.config.num_timesteps)
         self.walk = [-1] + grid  # inversion goes left to right, generation right to left
         self.alpha = torch.stack([torch.ones(()) if t < 0 else a[t] for t in self.walk]).to(self.device)
-        with torch.inference_mode():
-            self.context = pipe.encode_prompt("", self.device, 1, False)[0].to(self.dtype)
+        self.prediction = pipe.scheduler.config.get("prediction_type", "epsilon")
+        if self.prediction not in ("epsilon", "v_prediction"):
+            raise ValueError(f"the checkpoint predicts {self.prediction!r}; DDIM inversion needs epsilon or "
+                             "v_prediction")
+        r = self.config.load_resolution
+        self.cond = empty_prompt(pipe, self.device, self.dtype, (r, r))  # conditioning.py: SDXL's extras too
         # the hooks inside the compiled UNet always capture, into a list cleared before each
         # call: which timestep keeps them is decided outside, so every step is one graph
         self.unet_call = torch.compile(self.unet, dynamic=False, backend=compile_backend) if compile else self.unet
+
+    @property
+    def context(self) -> torch.Tensor:
+        """The text encoder states of `cond` (all of SD 1.x/2.x's conditioning; SDXL's UNet
+        needs cond.kwargs)."""
+        return self.cond.context
 
     @property
     def dims(self) -> list[int]:
@@ -141,7 +153,7 @@ class FeatureExtractor:
             noise = noise.to(dist.mean.device, dist.mean.dtype)
             return ((dist.mean + dist.std * noise) * self.vae.config.scaling_factor).to(self.device)
 
-    def _run(self, x: torch.Tensor, inversion: bool, context: torch.Tensor | None = None) -> Features:
+    def _run(self, x: torch.Tensor, inversion: bool, cond: Conditioning | None = None) -> Features:
         cfg = self.config
         n = cfg.num_timesteps
         order = list(range(n))
@@ -154,7 +166,7 @@ class FeatureExtractor:
             step_maps.append(out)
 
         handles = [m.register_forward_hook(hook) for m in self.modules]
-        ctx = (self.context if context is None else context).expand(b, -1, -1)
+        kwargs = (self.cond if cond is None else cond).kwargs(b)
         x = x.float()
         try:
             with torch.inference_mode():
@@ -165,7 +177,9 @@ class FeatureExtractor:
                         cur, nxt, index = n - i, n - i - 1, i
                     t = torch.full((b,), self.walk[cur], device=self.device)
                     step_maps.clear()
-                    eps = self.unet_call(x.to(self.dtype), t, encoder_hidden_states=ctx).sample.float()
+                    out = self.unet_call(x.to(self.dtype), t, **kwargs).sample.float()
+                    a = self.alpha[cur]
+                    eps = epsilon_from(self.prediction, out, x, a.sqrt(), (1 - a).sqrt())
                     k = saved.get(index)
                     if k is not None:
                         for layer, out in enumerate(step_maps):
@@ -187,12 +201,12 @@ class FeatureExtractor:
     def generate(self, batch: int, prompt: str = "", seed: int | None = None) -> tuple[Features, list[Image.Image]]:
         """Synthetic images: text-to-image DDIM sampling from seeded noise (no guidance, as
         the authors' default guidance_scale -1); the features along the way and the images."""
-        side = self.config.load_resolution // 8
+        r = self.config.load_resolution
+        side = r // vae_scale_factor(self.vae.config)
         g = torch.Generator().manual_seed(self.config.seed if seed is None else seed)
         noise = torch.randn((batch, self.unet.config.in_channels, side, side), generator=g).to(self.device)
-        with torch.inference_mode():
-            ctx = self.pipe.encode_prompt(prompt, self.device, 1, False)[0].to(self.dtype)
-        feats = self._run(noise, inversion=False, context=ctx)
+        cond = conditioning.prompt(self.pipe, prompt, self.device, self.dtype, (r, r))
+        feats = self._run(noise, inversion=False, cond=cond)
         with torch.inference_mode():
             lat = feats.latents / self.vae.config.scaling_factor
             imgs = self.vae.decode(lat.to(self.vae.device, self.vae.dtype)).sample

@@ -30,6 +30,7 @@ def _token_instances(instances: np.ndarray, grid: int) -> torch.Tensor:
 
 @torch.inference_mode()
 def attention_stats(pipe, seeds, t: int = 281, seed: int = 0) -> dict[str, dict[str, float]]:
+    from ..conditioning import empty_prompt
     from ..images import to_model_input
     from ..sampling import alphas_cumprod, noise_to
 
@@ -42,7 +43,7 @@ def attention_stats(pipe, seeds, t: int = 281, seed: int = 0) -> dict[str, dict[
     x0 = vae.encode(pixels).latent_dist.mean * vae.config.scaling_factor
     noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(seed)).to(x0)
     x = noise_to(x0, noise, alphas_cumprod(pipe.scheduler.config)[t])
-    ctx = pipe.encode_prompt("", unet.device, 1, False)[0].expand(len(scenes), -1, -1)
+    cond = empty_prompt(pipe, unet.device, unet.dtype, (size, size)).kwargs(len(scenes))
     captured: dict[str, torch.Tensor] = {}
     hooks = []
     for name, module in unet.named_modules():
@@ -54,7 +55,7 @@ def attention_stats(pipe, seeds, t: int = 281, seed: int = 0) -> dict[str, dict[
                 captured[name] = p.view(h.shape[0], -1, *p.shape[1:]).mean(1)  # (B, N, N), heads averaged
             hooks.append(module.register_forward_pre_hook(hook, with_kwargs=True))
     try:
-        unet(x, torch.tensor(t, device=unet.device), encoder_hidden_states=ctx)
+        unet(x, torch.tensor(t, device=unet.device), **cond)
     finally:
         for h in hooks:
             h.remove()
