@@ -80,8 +80,8 @@ def settle_config(pipe, config: EmerDiffConfig | None, overrides: dict) -> EmerD
     the model's recommended settings (its emerdiff.json, else the method's defaults), or on
     top of an explicit config. An explicit config means exactly what it says; where it departs
     from the model's recommended values, that is logged once. Far from the model's expected
-    resolution (half or double), a warning says what it expects. Fields left to the model
-    (resolution, layers: None) are filled from it (EmerDiffConfig.for_model)."""
+    resolution (half or double), a warning says what it expects. Either way, resolution and
+    the layers left at their defaults become the model's own (EmerDiffConfig.for_model)."""
     fields = EmerDiffConfig.__dataclass_fields__
     unknown = sorted(set(overrides) - set(fields))
     if unknown:

@@ -91,6 +91,11 @@ def test_sdxl_folder_loads_as_sdxl_with_its_own_defaults(sdxl, sdxl_folder):
     assert EmerDiff(sdxl, CFG.replace(resolution=192), backend="naive").config.resolution == 192
     half = load_pipeline(sdxl_folder, dtype=torch.float16)  # force_upcast: the VAE stays float32
     assert (half.unet.dtype, half.vae.dtype) == (torch.float16, torch.float32)
+    # --random-init on an SDXL config folder: both text encoders, fresh seeded weights
+    fresh = load_pipeline(sdxl_folder, random_init=True, seed=3)
+    assert isinstance(fresh, StableDiffusionXLPipeline) and fresh.text_encoder_2 is not None
+    assert fresh.config.force_zeros_for_empty_prompt
+    assert not torch.equal(fresh.unet.conv_in.weight, sdxl.unet.conv_in.weight)
 
 
 @pytest.mark.parametrize("family", ["sdxl", "v"])
@@ -108,6 +113,25 @@ def test_fast_equals_reference_and_lambda_zero_vanishes(family, sdxl, v_pipe, ra
         assert np.abs(result.difference_maps).max() <= tol
         for run in finals:  # every run ends on the photo's own latent: the inversion holds
             assert float((run - x0[0]).norm() / x0[0].norm()) <= 1e-5
+
+
+def test_compiled_sdxl_unet_traces_once(sdxl, rand_image):
+    """The added conditions are graph inputs like the context: one graph for step 0 and one
+    for the later steps, reused by the next image without recompiling."""
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    cfg = CFG.replace(num_masks=3, resolution=128)
+    seg = EmerDiff(sdxl, cfg, backend="fast", max_batch=4)
+    seg.unet_call = torch.compile(sdxl.unet, backend="eager", fullgraph=True, dynamic=False)
+    counters.clear()
+    first = seg(rand_image(0, 64, 64))
+    assert counters["stats"]["unique_graphs"] == 2
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        seg(rand_image(1, 64, 64))
+    assert counters["stats"]["unique_graphs"] == 2
+    eager = EmerDiff(sdxl, cfg, backend="fast", max_batch=4)(rand_image(0, 64, 64))
+    assert rel_err(first.difference_maps, eager.difference_maps) < 1e-5
 
 
 def test_v_prediction_reference_matches_the_oracle(rand_image):
