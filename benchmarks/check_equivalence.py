@@ -1,7 +1,7 @@
 """Fast vs reference on one image: relative L2 error of the difference maps and label
 agreement, per dtype, plus both paths' per-stage timings.
 
-    python -m benchmarks.check_equivalence --skeleton ../shared/model-skeletons/sd21-base \
+    python -m benchmarks.check_equivalence --skeleton /models/sd21-base-config \
         --resolution 512 --masks 30 --dtypes float32 bfloat16 float16 --device cuda
     python -m benchmarks.check_equivalence --model tiny --resolution 128 --masks 8   # CPU, seconds
 

@@ -16,7 +16,8 @@ DEFAULT_SKELETON = Path(__file__).resolve().parents[1].parent / "shared" / "mode
 
 
 def skeleton_path(arg: str | None) -> Path:
-    """--skeleton, else $EMERDIFF_SKELETONS/sd21-base, else ../shared/model-skeletons/sd21-base."""
+    """--skeleton, else $EMERDIFF_SKELETONS/sd21-base, else the sd21-base config skeleton in the
+    shared model-skeletons folder beside this checkout (DEFAULT_SKELETON)."""
     if arg:
         return Path(arg)
     env = os.environ.get("EMERDIFF_SKELETONS")
@@ -122,7 +123,7 @@ def time_calls(fn, device, rounds: int) -> list[float]:
 
 def peak_matmul_tflops(device) -> dict[str, float]:
     """Measured dense matmul rate per dtype (TFLOP/s): the MFU denominator is the fastest.
-    SPEC section 3 quotes ~800 TFLOP/s bf16 measured this way on an H100."""
+    An 8192^3 bf16 matmul measures about 800 TFLOP/s this way on an H100 (docs/gpu.md)."""
     dev = torch.device(device)
     n = 8192 if dev.type == "cuda" else 1024
     rates = {}
@@ -170,7 +171,7 @@ def demo_modulation(seg, batch: int) -> Modulation:
 
 @torch.inference_mode()
 def floor_flops(pipe, resolution: int, num_masks: int, n_steps: int) -> dict[str, float]:
-    """SPEC section 3's floor, with each piece counted by torch.utils.flop_counter on this
+    """The compute floor (docs/gpu.md), with each piece counted by torch.utils.flop_counter on this
     pipeline's own modules: 2K*S*unet + 2K*decode + S*unet + unet + encode (GFLOP).
     The UNet is counted with diffusers' plain AttnProcessor (explicit matmuls), because the
     counter has no formula for the CPU flash-attention kernel."""

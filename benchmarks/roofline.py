@@ -41,7 +41,7 @@ DEVICES = {
     "RTX 4090": {"tflops": 165.2, "tbps": 1.01},
 }
 # Assumed efficiencies (choice): large cuBLAS/cuDNN GEMMs and convolutions reach ~60% of
-# the dense peak (SPEC section 3 measured ~800 of 989 TFLOP/s for an 8192^3 bf16 matmul,
+# the dense peak (an 8192^3 bf16 matmul measures ~800 of 989 TFLOP/s on an H100, docs/gpu.md,
 # and the UNet's GEMMs are smaller); memory-bound kernels ~75% of peak bandwidth.
 COMPUTE_EFFICIENCY = 0.6
 MEMORY_EFFICIENCY = 0.75

@@ -8,8 +8,8 @@ chunk size and a profile of one denoising step.
 
 Every row reports median seconds per image (after one untimed warm-up; compile time is
 that warm-up minus the median, reported apart), images per hour, peak memory (CUDA
-allocator peak; on the CPU the process's peak resident set), MFU = SPEC section 3's floor
-FLOPs, counted with torch.utils.flop_counter on this model, / (seconds x the measured peak
+allocator peak; on the CPU the process's peak resident set), MFU = the compute floor's
+FLOPs (docs/gpu.md), counted with torch.utils.flop_counter on this model, / (seconds x the measured peak
 matmul rate), the FLOPs the row actually executed (counted in its warm-up; not for compiled
 rows), and label agreement with the reference row. Results go to
 benchmarks/results/<date>-<device>.json and a readable table is appended to
@@ -245,8 +245,8 @@ def markdown(report: dict) -> str:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--full", action="store_true", help="full-size random-init SD 2.1-base from a skeleton folder")
-    p.add_argument("--skeleton", default=None, help="skeleton folder (default $EMERDIFF_SKELETONS/sd21-base "
-                                                    "or ../shared/model-skeletons/sd21-base)")
+    p.add_argument("--skeleton", default=None, help="skeleton folder (default $EMERDIFF_SKELETONS/sd21-base, "
+                                                    "else the shared model-skeletons/sd21-base beside the checkout)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--resolution", type=int, default=None, help="default 512 with --full, else 128")
     p.add_argument("--masks", type=int, default=None, help="default 30 with --full, else 8")

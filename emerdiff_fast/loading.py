@@ -211,8 +211,27 @@ def model_caveats(source) -> dict[str, str]:
     return {str(k): str(v) for k, v in caveats.items()}
 
 
+@contextlib.contextmanager
+def _loading_bars(shown: bool):
+    """diffusers' "Loading pipeline components" and transformers' "Loading weights" bars,
+    hidden for the duration when not `shown` (the CLI's --quiet)."""
+    if shown:
+        yield
+        return
+    from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as transformers_logging
+
+    diffusers_logging.disable_progress_bar()
+    transformers_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        diffusers_logging.enable_progress_bar()
+        transformers_logging.enable_progress_bar()
+
+
 def load_pipeline(source, *, device=None, dtype=None, random_init: bool = False, seed: int = 0,
-                  config: str | os.PathLike | None = None, **from_pretrained_kwargs):
+                  config: str | os.PathLike | None = None, progress: bool = True, **from_pretrained_kwargs):
     """Load a Stable Diffusion pipeline for EmerDiff: StableDiffusionPipeline (SD 1.x, 2.x)
     or StableDiffusionXLPipeline (SDXL base and its distillations), the class that the
     checkpoint's model_index.json names.
@@ -224,7 +243,8 @@ def load_pipeline(source, *, device=None, dtype=None, random_init: bool = False,
     random_init=True builds full-size models from the config folder `source` with seeded
     random weights. device defaults to "cpu" and dtype to float32 for everything but objects.
     from_pretrained_kwargs (variant, revision, local_files_only, cache_dir, token, ...) go
-    to diffusers' from_pretrained / from_single_file as they are. A float16 load keeps a VAE
+    to diffusers' from_pretrained / from_single_file as they are; progress=False hides their
+    loading bars. A float16 load keeps a VAE
     whose config says force_upcast (SDXL's) in float32: it overflows in float16.
     """
     if hasattr(source, "unet") and hasattr(source, "vae"):
@@ -238,7 +258,8 @@ def load_pipeline(source, *, device=None, dtype=None, random_init: bool = False,
     if source_str == "tiny":
         pipe = tiny_pipeline(seed)
     elif source_str == "mini" and not random_init:
-        pipe = _load_mini(dtype)
+        with _loading_bars(progress):
+            pipe = _load_mini(dtype)
     elif random_init:  # "mini" too: its architecture with seeded random weights (an untrained baseline)
         path = model_folder(source_str) if source_str == "mini" else (
             Path(source_str) if Path(source_str).exists() else resolve_skeleton(source_str))
@@ -248,7 +269,8 @@ def load_pipeline(source, *, device=None, dtype=None, random_init: bool = False,
                 f"(give a path, or a name under ${SKELETON_ENV})")
         pipe = random_init_pipeline(path, seed)
     else:
-        pipe = _load_weights(source_str, dtype, config, from_pretrained_kwargs)
+        with _loading_bars(progress):
+            pipe = _load_weights(source_str, dtype, config, from_pretrained_kwargs)
     pipe.set_progress_bar_config(disable=True)
     if pipe.unet.dtype != dtype:
         pipe = pipe.to(dtype=dtype)

@@ -100,8 +100,8 @@ def test_sdxl_folder_loads_as_sdxl_with_its_own_defaults(sdxl, sdxl_folder):
 
 @pytest.mark.parametrize("family", ["sdxl", "v"])
 def test_fast_equals_reference_and_lambda_zero_vanishes(family, sdxl, v_pipe, rand_image):
-    pipe = sdxl if family == "sdxl" else v_pipe
-    cfg = CFG.replace(resolution=128)
+    # SDXL at its own 128 px (grid 4x4); the v model at 64 px (SD's grid 2x2: K = 4 fills it)
+    pipe, cfg = (sdxl, CFG.replace(resolution=128)) if family == "sdxl" else (v_pipe, CFG.replace(resolution=64))
     image = rand_image(4, 90, 120)
     ref = EmerDiff(pipe, cfg, backend="reference")(image)
     fast = EmerDiff(pipe, cfg, backend="fast")(image)
@@ -121,7 +121,7 @@ def test_compiled_sdxl_unet_traces_once(sdxl, rand_image):
     from torch._dynamo.utils import counters
 
     torch._dynamo.reset()
-    cfg = CFG.replace(num_masks=3, resolution=128)
+    cfg = CFG.replace(num_masks=3, resolution=64)
     seg = EmerDiff(sdxl, cfg, backend="fast", max_batch=4)
     seg.unet_call = torch.compile(sdxl.unet, backend="eager", fullgraph=True, dynamic=False)
     counters.clear()
@@ -141,8 +141,8 @@ def test_v_prediction_reference_matches_the_oracle(rand_image):
 
     pipe = tiny_v_pipeline(dtype=torch.float64)
     assert pipe.scheduler.config.prediction_type == "v_prediction"
-    cfg = EmerDiffConfig(num_masks=3, resolution=128, seed=2)
-    image = rand_image(2, 128, 128)
+    cfg = EmerDiffConfig(num_masks=3, resolution=64, seed=2)
+    image = rand_image(2, 64, 64)
     ref = EmerDiff(pipe, cfg, backend="reference")(image)
     pixels = to_model_input(load_image(image), cfg.resolution)[None].double()
     expected = oracle_difference_maps(pipe, pixels, torch.from_numpy(ref.low_res_labels).flatten(), cfg).numpy()
@@ -230,17 +230,18 @@ def test_v_prediction_hyperfeatures_invert_with_the_converted_noise(v_pipe, rand
     assert not torch.allclose(got, read_as_eps, atol=1e-3)
 
 
-def test_cli_segments_with_saved_folders(sdxl_folder, v_folder, photo_path, tmp_path):
+def test_cli_segments_with_saved_folders(sdxl_folder, v_folder, photo_path, tmp_path, capsys):
     from PIL import Image
 
     from emerdiff_fast.cli import main
 
-    for folder, size in ((sdxl_folder, []), (v_folder, ["--resolution", "128"])):  # SDXL: its own 128
+    for folder, size in ((sdxl_folder, []), (v_folder, ["--resolution", "64"])):  # SDXL: its own 128
         out = tmp_path / folder.name
         rc = main(["segment", str(photo_path), "--out", str(out), "--model", str(folder), "--masks", "3",
                    *size, "--quiet"])
         assert rc == 0
         assert Image.open(out / "astronaut.labels.png").size == (96, 80)
+        assert "Loading" not in capsys.readouterr().err  # --quiet hides diffusers' and transformers' bars
 
 
 def test_unsupported_pipelines_are_refused_in_one_line(tmp_path):

@@ -234,7 +234,8 @@ def build_segmenter(args, progress: bool = False):
     if args.local_files_only:
         hub["local_files_only"] = True
     pipe = load_pipeline(args.model, device=args.device, dtype=dtype, random_init=args.random_init,
-                         seed=args.seed, config=args.single_file_config, **hub)
+                         seed=args.seed, config=args.single_file_config, progress=not getattr(args, "quiet", False),
+                         **hub)
     options = FastOptions(channels_last=True) if args.channels_last else None
     return EmerDiff(pipe, config, backend=args.backend, compile=args.compile_mode if args.compile else False,
                     max_batch=args.max_batch, options=options, progress=progress)

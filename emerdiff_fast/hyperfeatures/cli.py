@@ -216,7 +216,8 @@ def cmd_hyperfeatures(args) -> int:
                     logging.getLogger("emerdiff_fast").warning("no validation pairs (%s): no best-layer row", exc)
             else:
                 val_pairs = pairs[-args.val_pairs:] if args.hf_command == "train" else None
-    pipe = load_pipeline(args.model, device=args.device, dtype=DTYPES[args.dtype], random_init=args.random_init)
+    pipe = load_pipeline(args.model, device=args.device, dtype=DTYPES[args.dtype], random_init=args.random_init,
+                         progress=not args.quiet)
     hf = _hyperfeatures(args, pipe, args.one_step, _weights(args, args.one_step, args.weights))
     if args.hf_command == "extract":
         hf.cache.fill(args.images, args.batch_size, progress=not args.quiet)
