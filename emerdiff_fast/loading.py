@@ -148,6 +148,9 @@ def random_init_pipeline(config_dir: str | os.PathLike, seed: int = 0):
         if second:
             parts["text_encoder_2"] = CLIPTextModelWithProjection(
                 CLIPTextConfig.from_pretrained(root / "text_encoder_2"))
+    for name in ("unet", "vae", "text_encoder", "text_encoder_2"):  # transformers builds a config saying
+        if name in parts:  # float16 (SDXL's text_encoder_2) half in fp16, half in fp32: one dtype here
+            parts[name].to(torch.float32)
     parts["tokenizer"] = CLIPTokenizer.from_pretrained(root / "tokenizer")
     if second:
         parts["tokenizer_2"] = CLIPTokenizer.from_pretrained(root / "tokenizer_2")

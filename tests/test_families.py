@@ -3,6 +3,7 @@ text_time embedding) and v-prediction checkpoints, each saved with save_pretrain
 loaded back through a folder, as a user's checkpoint would be."""
 import dataclasses
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -79,7 +80,7 @@ def test_default_layers_come_from_the_structure(model, changes, block, attention
         assert expected == (EmerDiffConfig().feature_layer, EmerDiffConfig().modulated_layer)
 
 
-def test_sdxl_folder_loads_as_sdxl_with_its_own_defaults(sdxl, sdxl_folder):
+def test_sdxl_folder_loads_as_sdxl_with_its_own_defaults(sdxl, sdxl_folder, tmp_path):
     from diffusers import StableDiffusionXLPipeline
 
     assert isinstance(sdxl, StableDiffusionXLPipeline)
@@ -91,9 +92,16 @@ def test_sdxl_folder_loads_as_sdxl_with_its_own_defaults(sdxl, sdxl_folder):
     assert EmerDiff(sdxl, CFG.replace(resolution=192), backend="naive").config.resolution == 192
     half = load_pipeline(sdxl_folder, dtype=torch.float16)  # force_upcast: the VAE stays float32
     assert (half.unet.dtype, half.vae.dtype) == (torch.float16, torch.float32)
-    # --random-init on an SDXL config folder: both text encoders, fresh seeded weights
-    fresh = load_pipeline(sdxl_folder, random_init=True, seed=3)
+    # --random-init on an SDXL config folder: both text encoders, fresh seeded weights, one
+    # dtype even where a config says float16 (SDXL base's text_encoder_2 does)
+    configs = tmp_path / "configs"
+    shutil.copytree(sdxl_folder, configs)
+    te2 = configs / "text_encoder_2" / "config.json"
+    te2.write_text(json.dumps({**json.loads(te2.read_text()), "torch_dtype": "float16", "dtype": "float16"}))
+    fresh = load_pipeline(configs, random_init=True, seed=3)
     assert isinstance(fresh, StableDiffusionXLPipeline) and fresh.text_encoder_2 is not None
+    assert {p.dtype for p in fresh.text_encoder_2.parameters()} == {torch.float32}
+    assert EmerDiff(fresh, CFG, backend="naive").cond.text_embeds.dtype == torch.float32
     assert fresh.config.force_zeros_for_empty_prompt
     assert not torch.equal(fresh.unet.conv_in.weight, sdxl.unet.conv_in.weight)
 
