@@ -81,29 +81,37 @@ def _check_time_ids(pipe, pooled_dim: int) -> None:
                          f"the {TIME_IDS} of SDXL base (original size, crop, target size)")
 
 
+def _encoded(pipe, context: torch.Tensor, pooled: torch.Tensor | None, device, dtype,
+             size: tuple[int, int] | None) -> Conditioning:
+    """Encoder outputs -> Conditioning on `device` in `dtype`; the pooled embedding and (at
+    `size`, else later by at_size) the time ids only where the UNet takes them."""
+    if not takes_added_conditions(pipe.unet.config):
+        return Conditioning(context.to(device, dtype))
+    _check_time_ids(pipe, pooled.shape[-1])
+    cond = Conditioning(context.to(device, dtype), pooled.to(device, dtype))
+    return cond.at_size(size) if size is not None else cond
+
+
+def _encode_prompt(pipe, text: str, device, unconditional: bool) -> tuple:
+    """(hidden states, pooled or None) of the pipeline's own encode_prompt: the prompt, or
+    with `unconditional` the negative branch it builds for classifier-free guidance."""
+    with torch.inference_mode():
+        out = pipe.encode_prompt(prompt=text, device=device, num_images_per_prompt=1,
+                                 do_classifier_free_guidance=unconditional)
+    # SD returns (prompt, negative); SDXL (prompt, negative, pooled, negative pooled)
+    pooled = (out[3] if unconditional else out[2]) if len(out) == 4 else None
+    return (out[1] if unconditional else out[0]), pooled
+
+
 def empty_prompt(pipe, device, dtype, size: tuple[int, int] | None = None) -> Conditioning:
     """The unconditional input (see the module's docstring), in `dtype` on `device`;
     `size` (H, W): the processing size SDXL's time_ids name (else set later by at_size)."""
-    with torch.inference_mode():
-        out = pipe.encode_prompt(prompt="", device=device, num_images_per_prompt=1, do_classifier_free_guidance=True)
-    if not takes_added_conditions(pipe.unet.config):
-        return Conditioning(out[1].to(dtype))
-    context, pooled = out[1], out[3]  # the negative (unconditional) branch, pooled
-    _check_time_ids(pipe, pooled.shape[-1])
-    cond = Conditioning(context.to(dtype), pooled.to(dtype))
-    return cond.at_size(size) if size is not None else cond
+    return _encoded(pipe, *_encode_prompt(pipe, "", device, unconditional=True), device, dtype, size)
 
 
 def prompt(pipe, text: str, device, dtype, size: tuple[int, int] | None = None) -> Conditioning:
     """A text prompt as the pipeline encodes it (no guidance), in `dtype` on `device`."""
-    with torch.inference_mode():
-        out = pipe.encode_prompt(prompt=text, device=device, num_images_per_prompt=1,
-                                 do_classifier_free_guidance=False)
-    if not takes_added_conditions(pipe.unet.config):
-        return Conditioning(out[0].to(dtype))
-    _check_time_ids(pipe, out[2].shape[-1])
-    cond = Conditioning(out[0].to(dtype), out[2].to(dtype))
-    return cond.at_size(size) if size is not None else cond
+    return _encoded(pipe, *_encode_prompt(pipe, text, device, unconditional=False), device, dtype, size)
 
 
 def tokenizers(pipe) -> list:
@@ -117,17 +125,16 @@ def encode_ids(pipe, ids: list[torch.Tensor], dtype) -> Conditioning:
     states of both encoders concatenated, and the second encoder's pooled projection."""
     encoders = [pipe.text_encoder, getattr(pipe, "text_encoder_2", None)]
     encoders = [e for e in encoders if e is not None]
-    device = pipe.unet.device
     with torch.inference_mode():
         if not takes_added_conditions(pipe.unet.config):
-            return Conditioning(encoders[0](ids[0].to(encoders[0].device))[0].to(device, dtype))
+            return _encoded(pipe, encoders[0](ids[0].to(encoders[0].device))[0], None, pipe.unet.device, dtype,
+                            None)
         hidden, pooled = [], None
         for encoder, part in zip(encoders, ids):
             out = encoder(part.to(encoder.device), output_hidden_states=True)
             hidden.append(out.hidden_states[-2])
             pooled = out[0]  # the last encoder's pooled projection (text_embeds)
-        _check_time_ids(pipe, pooled.shape[-1])
-        return Conditioning(torch.cat(hidden, -1).to(device, dtype), pooled.to(device, dtype))
+        return _encoded(pipe, torch.cat(hidden, -1), pooled, pipe.unet.device, dtype, None)
 
 
 def placeholder(unet_config, size: tuple[int, int], dtype, device="meta", tokens: int = 77) -> Conditioning:

@@ -316,11 +316,10 @@ def _load_weights(source: str, dtype, config, kwargs: dict):
         if path.is_file():
             if not is_file_like:
                 raise ModelLoadError(f"model file {source!r} must end in .safetensors or .ckpt")
-            name = _single_file_class(path)
             if config:
                 kwargs = {"config": os.fspath(config), "local_files_only": True, **kwargs}
-                if (Path(config) / "model_index.json").exists():
-                    name = _class_name(Path(config))
+            index = Path(config) / "model_index.json" if config else None
+            name = _class_name(index.parent) if index and index.exists() else _single_file_class(path)
             cls = pipeline_class(name, source)
             return cls.from_single_file(source, torch_dtype=dtype, **_pipeline_kwargs(cls), **kwargs)
         if path.is_dir() and not (path / "model_index.json").exists():

@@ -35,7 +35,7 @@ from .. import conditioning
 from ..conditioning import Conditioning, empty_prompt
 from ..config import vae_scale_factor
 from ..images import load_image, to_model_input
-from ..sampling import alphas_cumprod, epsilon_from
+from ..sampling import PREDICTIONS, alphas_cumprod, epsilon_from
 
 ALL_STEPS = (49, 45, 40, 35, 30, 25, 20, 15, 10, 5, 0)  # the authors' "all steps" save_timestep
 ONE_STEP = (0,)
@@ -120,7 +120,7 @@ class FeatureExtractor:
         self.walk = [-1] + grid  # inversion goes left to right, generation right to left
         self.alpha = torch.stack([torch.ones(()) if t < 0 else a[t] for t in self.walk]).to(self.device)
         self.prediction = pipe.scheduler.config.get("prediction_type", "epsilon")
-        if self.prediction not in ("epsilon", "v_prediction"):
+        if self.prediction not in PREDICTIONS:
             raise ValueError(f"the checkpoint predicts {self.prediction!r}; DDIM inversion needs epsilon or "
                              "v_prediction")
         r = self.config.load_resolution
