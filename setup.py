@@ -1,4 +1,21 @@
-from setuptools import setup
+import glob
+import os
+
+from setuptools import find_packages, setup
+from setuptools.command.build_py import build_py
+
+
+class BuildPy(build_py):
+    """The kernel sources live in the top-level kernels/ folder (no __init__.py, so it never
+    shadows another package named `kernels`); installed copies carry them inside
+    emerdiff_fast.kernels."""
+
+    def find_package_modules(self, package, package_dir):
+        modules = super().find_package_modules(package, package_dir)
+        if package == "emerdiff_fast.kernels":
+            modules += [(package, os.path.splitext(os.path.basename(f))[0], f) for f in sorted(glob.glob("kernels/*.py"))]
+        return modules
+
 
 setup(
     name="emerdiff-fast",
@@ -7,11 +24,8 @@ setup(
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
-    # kernels/ lives at the top of the repo but installs as emerdiff_fast.kernels, so no
-    # top-level `kernels` package lands in site-packages.
-    packages=["emerdiff_fast", "emerdiff_fast.kernels", "emerdiff_fast.hyperfeatures", "emerdiff_fast.mini"],
-    package_dir={"emerdiff_fast": "emerdiff_fast", "emerdiff_fast.kernels": "kernels",
-                 "emerdiff_fast.hyperfeatures": "emerdiff_fast/hyperfeatures", "emerdiff_fast.mini": "emerdiff_fast/mini"},
+    packages=find_packages(include=["emerdiff_fast", "emerdiff_fast.*"]),
+    cmdclass={"build_py": BuildPy},
     # the trained mini model ships inside the package (a diffusers folder, ~22 MB)
     package_data={"emerdiff_fast.mini": ["model/*.json", "model/*.md", "model/*/*"],
                   "emerdiff_fast": ["class_names/*.txt"]},
@@ -26,6 +40,7 @@ setup(
         "Pillow",
         "tqdm",
     ],
-    extras_require={"test": ["pytest", "pytest-benchmark", "pytest-xdist", "scikit-image", "pycocotools"]},
+    # kernels: Hugging Face's package of that name, which the tests check our kernels/ never shadows
+    extras_require={"test": ["pytest", "pytest-benchmark", "pytest-xdist", "scikit-image", "pycocotools", "kernels"]},
     entry_points={"console_scripts": ["emerdiff-fast=emerdiff_fast.cli:main"]},
 )

@@ -2,6 +2,13 @@
 lowest inertia kept. One implementation serves both paths; the fast path passes the Triton
 assignment/update ops, the reference path their plain-PyTorch twins.
 
+Choosing the restart and numbering the clusters must not depend on rounding: the fast path's
+Triton steps and the reference's PyTorch steps round differently, so the restarts' inertias
+are recomputed from differences (exact_inertia), restarts within INERTIA_RTOL of the lowest
+count as tied and the lowest restart index wins, and the
+winner's clusters are numbered by their first point in raster order, whatever order its
+centroids were drawn in.
+
 Empty clusters (choice): re-seeded with the points farthest from their centroids, one per
 empty cluster, without a host round-trip. A cluster can only stay empty when there are
 fewer distinct feature vectors than K; its mask is then all zero and never wins a pixel.
@@ -14,6 +21,8 @@ from typing import Callable
 import torch
 
 from emerdiff_fast import kernels
+
+INERTIA_RTOL = 1e-5  # well above float32 noise in a sum over N distances, well below real gaps
 
 
 @dataclass
@@ -89,5 +98,38 @@ def kmeans(features: torch.Tensor, k: int, *, restarts: int = 10, max_iter: int 
     assign, update = ((kernels.kmeans_assign, kernels.kmeans_update) if use_triton
                       else (kernels.kmeans_assign_torch, kernels.kmeans_update_torch))
     res = lloyd(x, init, max_iter, assign, update)
-    best = res.inertia.view(b, restarts).argmin(1) + torch.arange(b, device=x.device) * restarts
-    return KMeansResult(res.labels[best], res.centroids[best], res.inertia[best])
+    inertia = exact_inertia(x, res.labels, res.centroids)
+    best = best_restart(inertia.view(b, restarts)) + torch.arange(b, device=x.device) * restarts
+    labels, centroids = canonical_order(res.labels[best], res.centroids[best])
+    return KMeansResult(labels, centroids, inertia[best])
+
+
+def exact_inertia(x: torch.Tensor, labels: torch.Tensor, centroids: torch.Tensor) -> torch.Tensor:
+    """sum |x - c|^2 per problem, from the differences: the steps' |x|^2 - 2 x.c + |c|^2 loses
+    digits to cancellation (error ~ eps |x|^2 per point), so restarts that found one partition
+    would differ by far more than INERTIA_RTOL and each backend would pick its own. One restart
+    at a time: a (B, N, D) difference, never (B*R, N, D)."""
+    b, n, d = x.shape
+    r = labels.shape[0] // b
+    labels, centroids = labels.view(b, r, n), centroids.view(b, r, -1, d)
+    return torch.stack([(x - centroids[:, i].gather(1, labels[:, i, :, None].expand(-1, -1, d))).square().sum((1, 2))
+                        for i in range(r)], 1).view(b * r)
+
+
+def best_restart(inertia: torch.Tensor, rtol: float = INERTIA_RTOL) -> torch.Tensor:
+    """inertia (B, R) -> (B,) the lowest restart index whose inertia is within rtol of the
+    lowest (argmax returns the first of equal maxima), without a host round-trip."""
+    near = inertia <= inertia.min(1, keepdim=True).values * (1 + rtol)
+    return near.to(torch.int32).argmax(1)
+
+
+def canonical_order(labels: torch.Tensor, centroids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """labels (B, N), centroids (B, K, D) -> the same clusters renumbered by their first point
+    in raster order (empty clusters last, in their old order)."""
+    b, n = labels.shape
+    k = centroids.shape[1]
+    first = torch.full((b, k), n, dtype=torch.int64, device=labels.device).scatter_reduce(
+        1, labels, torch.arange(n, device=labels.device).expand(b, n), "amin")
+    order = first.argsort(dim=1, stable=True)  # new id -> old id
+    rank = order.argsort(1)                # old id -> new id
+    return rank.gather(1, labels), centroids.gather(1, order[..., None].expand(-1, -1, centroids.shape[2]))

@@ -39,6 +39,27 @@ def atomic_write(path: Path, data: bytes) -> None:
         tmp.unlink(missing_ok=True)
 
 
+class CheckpointError(ValueError):
+    """A run folder's checkpoint that cannot be read as plain tensors and containers."""
+
+
+def read_checkpoint(path: Path):
+    """torch.load with weights_only=True: tensors, numbers, strings and plain containers, so a
+    run folder written by someone else never runs code when it is resumed or shipped."""
+    import pickle
+    import re
+
+    import torch
+
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        found = re.search(r"Unsupported global: GLOBAL (\S+)", str(exc))  # torch's message names the culprit
+        what = f" (it names {found.group(1)})" if found else ""
+        raise CheckpointError(f"{path}: refused, it holds more than tensors and plain containers{what}, "
+                              "and loading it could run code") from None
+
+
 def settings_differ(run_file: Path, settings: dict) -> str | None:
     """What differs between the settings a resumable run recorded in `run_file` and
     `settings` ("key: old there, new now", ...); None when they agree or none were recorded."""

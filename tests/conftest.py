@@ -91,3 +91,29 @@ def triton_ran():
         assert LAUNCHES[op] == before + times, f"{op}: the Triton kernel did not run (its fallback did)"
 
     return check
+
+
+def _global_settings() -> dict:
+    """What a test could change for the tests after it in the same worker."""
+    import torch._dynamo
+    import torch._inductor.config
+
+    return {"dynamo": torch._dynamo.config.get_config_copy(), "inductor": torch._inductor.config.get_config_copy(),
+            "dtype": torch.get_default_dtype(), "grad": torch.is_grad_enabled(),
+            "tf32": (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)}
+
+
+@pytest.fixture(autouse=True)
+def settings_left_as_found():
+    """Every test leaves torch's settings as it found them, so the suite passes in any order
+    (library settings change through the library's own context managers, e.g.
+    torch._dynamo.config.patch, which restore them)."""
+    before = _global_settings()
+    yield
+    after = _global_settings()
+    changed = sorted(f"{group}.{key}" if isinstance(before[group], dict) else group
+                     for group in before
+                     for key in (set(before[group]) | set(after[group]) if isinstance(before[group], dict) else [None])
+                     if (before[group].get(key, "<missing>") != after[group].get(key, "<missing>")
+                         if isinstance(before[group], dict) else before[group] != after[group]))
+    assert not changed, f"the test left global settings changed: {changed}"

@@ -149,11 +149,12 @@ def test_compiled_shapes_are_bounded_and_the_rest_run_eager(tiny_pipe, monkeypat
         return call
 
     monkeypatch.setattr(torch, "compile", fake_compile)
-    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 5)  # room for 2 shapes of 2 graphs
     cfg = EmerDiffConfig(num_masks=2, resolution=64, keep_aspect=True, feature_samples=1, kmeans_restarts=1)
-    seg = EmerDiff(tiny_pipe, cfg, compile=True)
     images = [torch.rand(3, h, w, generator=torch.Generator().manual_seed(h)) for h, w in ((64, 64), (40, 90), (90, 40))]
-    compiled = seg(images)
+    # torch's own context manager: a monkeypatched config option can vanish when undone
+    with torch._dynamo.config.patch(recompile_limit=5):  # room for 2 shapes of 2 graphs
+        seg = EmerDiff(tiny_pipe, cfg, compile=True)
+        compiled = seg(images)
     assert len(seg.compiled_shapes) == 2 and len(seg.eager_shapes) == 1
     assert set(seen) == {(8, 8), (8, 16)}  # the UNet's and the decode's latents; (16, 8) ran eager
     assert "(chunk 4) runs eager: 2 shapes are compiled already" in our_log.text

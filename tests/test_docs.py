@@ -56,7 +56,11 @@ def test_the_pages_exist_and_do_not_point_outside_the_repository():
 def test_snippet_runs(lang, code, needs, tmp_path):
     # the snippet's relative paths (examples/...) resolve in a scratch copy of the folders it reads
     shutil.copytree(REPO / "examples", tmp_path / "examples")
-    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    # PYTHONPATH puts the checkout's root first, as running from it does (its kernels/ folder
+    # must not shadow Hugging Face's `kernels`); the running interpreter's bin folder comes
+    # first on PATH, so `emerdiff-fast` is this environment's even when it is not activated.
+    path = os.pathsep.join([os.path.dirname(sys.executable), os.environ.get("PATH", "")])
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "PATH": path}
     if lang == "python":
         cmd = [sys.executable, "-c", code]
     else:

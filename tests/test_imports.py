@@ -9,7 +9,10 @@ import emerdiff_fast
 import emerdiff_fast.kernels
 
 PACKAGE = Path(emerdiff_fast.__file__).parent
-KERNELS = Path(emerdiff_fast.kernels.__file__).parent  # kernels/, installed as emerdiff_fast.kernels
+ROOT = PACKAGE.parent
+# emerdiff_fast/kernels/ holds the package's __init__; the op sources sit in the top-level
+# kernels/ folder of a checkout (copies beside __init__ in an installed wheel)
+KERNEL_SOURCES = [Path(p) for p in emerdiff_fast.kernels.__path__]
 
 
 def _module_name(path: Path, root: Path, prefix: str) -> str:
@@ -19,7 +22,8 @@ def _module_name(path: Path, root: Path, prefix: str) -> str:
 
 def _graph() -> dict[str, set[str]]:
     modules = {_module_name(p, PACKAGE, "emerdiff_fast"): p for p in PACKAGE.rglob("*.py")}
-    modules |= {_module_name(p, KERNELS, "emerdiff_fast.kernels"): p for p in KERNELS.rglob("*.py")}
+    for folder in KERNEL_SOURCES:
+        modules |= {_module_name(p, folder, "emerdiff_fast.kernels"): p for p in folder.glob("*.py")}
     graph = {}
     for name, path in modules.items():
         package = name if path.name == "__init__.py" else name.rpartition(".")[0]
@@ -65,6 +69,7 @@ def _cycle(graph):
 def test_no_import_cycles():
     graph = _graph()
     assert "emerdiff_fast.cli" in graph and graph["emerdiff_fast.commands.segment"]  # the walk sees them
+    assert graph["emerdiff_fast.kernels.modulate"] == {"emerdiff_fast.kernels._dispatch"}
     cycle = _cycle(graph)
     assert cycle is None, " -> ".join(cycle)
 
@@ -86,14 +91,59 @@ def test_backends_do_not_touch_the_segmenter():
 def test_a_checkout_imports_its_kernels_without_an_installer():
     """On the GPU machine the project is a --target install shadowed by the checkout itself
     (`python -m benchmarks.gpu_run` from the repository root puts it first on sys.path), so
-    no installer maps kernels/ to emerdiff_fast.kernels: the package loads it from beside
-    itself. Simulated with site-packages on the path but its .pth files (the editable
+    no installer's copy of the kernel sources is found: the package reads them from the
+    checkout's kernels/ folder. Simulated with site-packages on the path but its .pth files (the editable
     install's finder) not run."""
     import site
     import subprocess
     import sys
 
-    code = (f"import sys; sys.path[:0] = [{str(PACKAGE.parent)!r}]; sys.path += {site.getsitepackages()!r}; "
+    code = (f"import sys; sys.path[:0] = [{str(ROOT)!r}]; sys.path += {site.getsitepackages()!r}; "
             "import emerdiff_fast.kernels as k, emerdiff_fast; print(k.__name__, k.modulate is not None)")
-    r = subprocess.run([sys.executable, "-S", "-c", code], capture_output=True, text=True, cwd=PACKAGE.parent)
+    r = subprocess.run([sys.executable, "-S", "-c", code], capture_output=True, text=True, cwd=ROOT)
     assert r.returncode == 0 and r.stdout.split() == ["emerdiff_fast.kernels", "True"], r.stderr[-2000:]
+
+
+# Imports, from the repository's root as `python -m` and pytest's pythonpath put it first on
+# sys.path, with every custom-op registration counted (a second copy of our sources would
+# register each op again, and the later registration silently wins).
+_ROOT_IMPORTS = """
+import importlib.metadata, json, sys, torch
+registered = []
+_custom_op = torch.library.custom_op
+def counting(name, *args, **kwargs):
+    registered.append(name)
+    return _custom_op(name, *args, **kwargs)
+torch.library.custom_op = counting
+import kernels
+from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+from transformers import CLIPTextModel
+import emerdiff_fast, emerdiff_fast.kernels
+from transformers.integrations import hub_kernels
+print(json.dumps({"kernels": kernels.__file__, "version": importlib.metadata.version("kernels"),
+                  "hub_kernels_available": hub_kernels.is_kernels_available(), "registered": registered,
+                  "ours": sorted(m for m, mod in sys.modules.items() if (getattr(mod, "__file__", None) or "")
+                                 .startswith(sys.argv[1]))}))
+"""
+
+
+def test_the_root_shadows_no_kernels_package():
+    """Hugging Face's `kernels` (a dependency of the newest transformers; in the test extras)
+    is what `import kernels` gives from the root: our kernels/ folder has no __init__.py.
+    diffusers' and transformers' models import, and our ops register once. (tests/test_docs.py
+    runs the `emerdiff-fast` console script with PYTHONPATH at the root too.)"""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    r = subprocess.run([sys.executable, "-c", _ROOT_IMPORTS, str(ROOT / "kernels")], cwd=ROOT, capture_output=True, text=True,
+                       env={**os.environ, "PYTHONPATH": str(ROOT)}, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    seen = json.loads(r.stdout.strip().splitlines()[-1])
+    assert not seen["kernels"].startswith(str(ROOT)), seen["kernels"]
+    assert seen["hub_kernels_available"] is True
+    ops = [name for name in seen["registered"] if name.startswith("emerdiff::")]
+    assert sorted(ops) == sorted(set(ops)) and len(ops) == 4, ops  # modulate, shared_attention, kmeans x 2
+    assert all(m.startswith("emerdiff_fast.kernels.") for m in seen["ours"]), seen["ours"]
+

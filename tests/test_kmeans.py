@@ -70,3 +70,51 @@ def test_batch_members_do_not_influence_each_other():
     for i in range(3):
         alone = kmeans(x[i:i + 1], 5, restarts=3, seed=1)
         assert torch.equal(together.labels[i], alone.labels[0])
+
+
+def _rounding_twin(monkeypatch, eps: float = 2e-7):
+    """Make the 'Triton' assignment the PyTorch one with its distances off by float32 rounding
+    of |x|^2 - 2 x.c + |c|^2 (~eps |x|^2): a stand-in for another implementation's rounding
+    (the interpreted kernels round too much like PyTorch to show it)."""
+    def assign(x, centroids):
+        labels, dist = kernels.kmeans_assign_torch(x, centroids)
+        g = torch.Generator().manual_seed(int(centroids.shape[0]))
+        scale = x.square().sum(-1).repeat_interleave(centroids.shape[0] // x.shape[0], 0)
+        return labels, dist + eps * scale * torch.randn(dist.shape, generator=g)
+    monkeypatch.setattr(kernels, "kmeans_assign", assign)
+    monkeypatch.setattr(kernels, "kmeans_update", kernels.kmeans_update_torch)
+
+
+def test_rounding_noise_picks_the_same_restart_and_the_same_ids(monkeypatch):
+    """Restarts that converge to one partition have inertias equal up to rounding; the two
+    backends' rounding must not pick different restarts (and so different label ids)."""
+    x, _ = _blobs(b=3, per=15, k=5, d=6, seed=3)
+    plain = kmeans(x, 5, restarts=10, seed=2)
+    _rounding_twin(monkeypatch)
+    twin = kmeans(x, 5, restarts=10, seed=2, use_triton=True)
+    assert torch.equal(plain.labels, twin.labels)
+
+
+def test_near_tied_restarts_go_to_the_lowest_index():
+    from emerdiff_fast.kmeans import best_restart
+
+    # the issue's inertias: PyTorch's two best restarts, then the Triton kernels'
+    inertia = torch.tensor([[1581.16895, 1581.16907, 1600.0], [1581.16919, 1581.16882, 1600.0],
+                            [1600.0, 1500.0, 1500.001], [1500.0, 1400.0, 1300.0]])
+    assert best_restart(inertia).tolist() == [0, 0, 1, 2]
+
+
+def test_ids_are_numbered_by_first_point_in_raster_order():
+    from emerdiff_fast.kmeans import canonical_order
+
+    labels = torch.tensor([[2, 2, 0, 3, 0, 2], [1, 1, 1, 1, 0, 0]])
+    centroids = torch.arange(8.0).view(2, 4, 1)
+    new, c = canonical_order(labels, centroids)
+    assert new.tolist() == [[0, 0, 1, 2, 1, 0], [0, 0, 0, 0, 1, 1]]
+    # the centroids follow their clusters; empty clusters (1 of image 0; 2, 3 of image 1) go last
+    assert c[..., 0].tolist() == [[2, 0, 3, 1], [5, 4, 6, 7]]
+    x = torch.randn(2, 30, 4, generator=torch.Generator().manual_seed(5))
+    res = kmeans(x, 4, restarts=3)
+    for row in res.labels:
+        firsts = [int((row == k).nonzero()[0]) for k in range(4)]
+        assert firsts == sorted(firsts) and firsts[0] == 0

@@ -9,6 +9,7 @@ import torch
 from emerdiff_fast import EmerDiff, EmerDiffConfig, recommended_config
 from emerdiff_fast.config import layer_grid
 from emerdiff_fast.loading import recommended_settings
+from emerdiff_fast.output import CheckpointError, read_checkpoint
 from emerdiff_fast.mini import MAX_TOKENS, build_models, build_tokenizer, caption_words
 from emerdiff_fast.scenes import render_batch
 
@@ -85,11 +86,11 @@ def test_training_smoke_losses_fall_and_the_checkpoint_resumes(tmp_path):
     cfg = TrainConfig(pool=16, vae_steps=8, vae_batch=4, unet_steps=6, unet_batch=8, unet_lr=1e-3, warmup=1,
                       checkpoint_every=3, eval_every=3, eval_scenes=1, eval_masks=3, attention_scenes=2)
     train(tmp_path / "a", cfg.__class__(**{**cfg.__dict__, "unet_steps": 3}), progress=False)
-    first = torch.load(tmp_path / "a" / "unet.pt", weights_only=False)
+    first = read_checkpoint(tmp_path / "a" / "unet.pt")  # what resuming reads: tensors and plain containers
     assert first["step"] == 3
     train(tmp_path / "a", cfg, progress=False)           # resumes at step 3
     train(tmp_path / "b", cfg, progress=False)           # the same run, uninterrupted
-    a, b = (torch.load(tmp_path / r / "unet.pt", weights_only=False) for r in "ab")
+    a, b = (read_checkpoint(tmp_path / r / "unet.pt") for r in "ab")
     assert a["step"] == b["step"] == 6
     for key in ("unet", "ema_unet", "text"):
         for name, tensor in a[key].items():
@@ -98,10 +99,50 @@ def test_training_smoke_losses_fall_and_the_checkpoint_resumes(tmp_path):
     assert [r["step"] for r in log] == [3, 6]
     losses = [r["loss"] for r in log]
     assert all(np.isfinite(losses)) and losses[1] < losses[0]
-    vae = torch.load(tmp_path / "b" / "vae.pt", weights_only=False)
+    vae = read_checkpoint(tmp_path / "b" / "vae.pt")
     assert vae["step"] == 8 and np.isfinite(vae["rec_loss"])
     assert (tmp_path / "b" / "best" / "model_index.json").exists()
     from emerdiff_fast import load_pipeline
 
     pipe = load_pipeline(tmp_path / "b" / "best")        # a standard diffusers folder
     assert pipe.vae.config.scaling_factor != 0.18215     # measured on the scenes, not SD's
+
+
+class _RunsCode:
+    """Unpickling this calls Path.touch: what a hostile checkpoint could do instead."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        from pathlib import Path
+
+        return Path.touch, (Path(self.marker),)
+
+
+def test_a_checkpoint_that_would_run_code_is_refused_in_one_line(tmp_path, capsys):
+    from emerdiff_fast.mini.__main__ import main
+
+    marker = tmp_path / "ran"
+    run = tmp_path / "run"
+    run.mkdir()
+    torch.save({"model": {}, "step": _RunsCode(marker)}, run / "vae.pt")
+    with pytest.raises(CheckpointError, match="vae.pt: refused"):
+        read_checkpoint(run / "vae.pt")
+    assert main(["train", "--out", str(run), "--pool", "4", "--quiet"]) == 2  # resuming the run
+    err = capsys.readouterr().err.strip().splitlines()[-1]  # after the log's lines
+    assert err.startswith(f"error: {run / 'vae.pt'}: refused") and "could run code" in err, err
+    assert not marker.exists()
+    torch.load(run / "vae.pt", weights_only=False)  # the check can fail: unrestricted loading runs it
+    assert marker.exists()
+
+
+def test_every_checkpoint_read_goes_through_read_checkpoint():
+    from pathlib import Path
+
+    import emerdiff_fast
+
+    package = Path(emerdiff_fast.__file__).parent
+    loads = [f"{p.relative_to(package)}:{i}" for p in package.rglob("*.py") if p.name != "output.py"
+             for i, line in enumerate(p.read_text().splitlines(), 1) if "torch.load(" in line]
+    assert not loads, loads

@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..output import atomic_write
+from ..output import atomic_write, read_checkpoint
 from .aggregation import AggregationNetwork
 from .correspondence import Pair, match, pair_loss, pck
 from .extract import Features, FeatureExtractor
@@ -165,7 +165,7 @@ def train(net: AggregationNetwork, cache: FeatureCache, train_pairs: list[Pair],
     if out is not None:
         out.mkdir(parents=True, exist_ok=True)
         if (out / "last.pt").exists():
-            state = torch.load(out / "last.pt", map_location="cpu", weights_only=False)
+            state = read_checkpoint(out / "last.pt")
             net.load_state_dict(state["net"])
             opt.load_state_dict(state["opt"])
             start, best, history = state["step"], state["best"], state["history"]

@@ -23,15 +23,19 @@ def main(argv=None) -> int:
     s.add_argument("--run", required=True)
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
-    if args.cmd == "train":
-        from .train import train
+    try:
+        if args.cmd == "train":
+            from .train import train
 
-        cfg = TrainConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)})
-        train(args.out, cfg, progress=not args.quiet)
-    else:
-        from .card import ship
+            cfg = TrainConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)})
+            train(args.out, cfg, progress=not args.quiet)
+        else:
+            from .card import ship
 
-        ship(args.run)
+            ship(args.run)
+    except ValueError as exc:  # other settings in --out, a checkpoint that is not plain tensors
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     return 0
 
 

@@ -7,10 +7,10 @@ import json
 import shutil
 from pathlib import Path
 
-import torch
 
 from . import MODEL_DIR, RESOLUTION
 from ..loading import RECOMMENDED_FILE
+from ..output import read_checkpoint
 from ..scenes import HELDOUT_SEEDS
 
 # The mini model's EmerDiff settings. Resolution: its native 64 px (8x8 feature grid).
@@ -39,7 +39,7 @@ def _attention_rows(record: dict) -> list[str]:
 
 def model_card(run: Path, best: dict) -> str:
     cfg = json.loads((run / "train_config.json").read_text())
-    vae, unet = (torch.load(run / f, weights_only=False, map_location="cpu") for f in ("vae.pt", "unet.pt"))
+    vae, unet = (read_checkpoint(run / f) for f in ("vae.pt", "unet.pt"))
     log = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
     train_args = " ".join(f"--{k.replace('_', '-')} {v}" for k, v in cfg.items()
                           if k not in ("train_seeds", "validation_seeds"))

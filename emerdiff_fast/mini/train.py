@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from . import RESOLUTION, build_models
 from ..config import EmerDiffConfig
 from ..loading import SD_SCHEDULER
+from ..output import read_checkpoint
 from ..scenes import TRAIN_SEEDS, VALIDATION_SEEDS, render_batch
 
 log = logging.getLogger("emerdiff_fast")
@@ -99,7 +100,7 @@ def train_vae(run: Path, cfg: TrainConfig, images: np.ndarray, progress: bool = 
     opt = torch.optim.AdamW(vae.parameters(), lr=cfg.vae_lr, weight_decay=0.0)
     ckpt, step, wall = run / "vae.pt", 0, 0.0
     if ckpt.exists():
-        state = torch.load(ckpt, weights_only=False)
+        state = read_checkpoint(ckpt)
         vae.load_state_dict(state["model"])
         opt.load_state_dict(state["opt"])
         step, wall = state["step"], state["wall_s"]
@@ -154,7 +155,7 @@ def train_unet(run: Path, cfg: TrainConfig, latents: torch.Tensor, token_ids: to
     opt = torch.optim.AdamW(params, lr=cfg.unet_lr, weight_decay=1e-2)
     ckpt, step, wall = run / "unet.pt", 0, 0.0
     if ckpt.exists():
-        state = torch.load(ckpt, weights_only=False)
+        state = read_checkpoint(ckpt)
         for module, key in ((unet, "unet"), (text_encoder, "text"), (ema_unet, "ema_unet"), (ema_text, "ema_text")):
             module.load_state_dict(state[key])
         opt.load_state_dict(state["opt"])
@@ -249,7 +250,7 @@ def train(run: str | Path, cfg: TrainConfig = TrainConfig(), progress: bool = Tr
     vae = train_vae(run, cfg, images, progress)
     cache = run / "latents.pt"
     if cache.exists():
-        latents, scale = torch.load(cache)
+        latents, scale = read_checkpoint(cache)
     else:
         latents, scale = encode_pool(vae, images)
         _save(cache, (latents, scale))
