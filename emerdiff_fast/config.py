@@ -12,12 +12,6 @@ class ConfigError(ValueError):
     """A hyperparameter is out of range or inconsistent."""
 
 
-def leading_timesteps(num_inference_steps: int, num_train_timesteps: int = 1000, steps_offset: int = 1) -> list[int]:
-    """Stable Diffusion's "leading" grid: 981, 961, ..., 1 for 50 steps (largest first)."""
-    ratio = num_train_timesteps // num_inference_steps
-    return [i * ratio + steps_offset for i in reversed(range(num_inference_steps))]
-
-
 class FromModelStr(str):
     """A default that follows the model: equal to the value shown (SD's), replaced by the
     model's own in EmerDiffConfig.for_model. A value the user passes is a plain str/int."""
@@ -42,8 +36,9 @@ class EmerDiffConfig:
     lam: float = 10.0                   # modulation strength lambda
     t_feature: int = 1                  # timestep of the low-resolution feature run
     feature_samples: int = 8            # (choice) noise draws whose queries are averaged (notebook: 100)
-    t_modulate: int = 281               # timestep where modulated runs start
-    num_inference_steps: int = 50       # grid 981, 961, ..., 1; coarser grids are faster, less exact
+    t_modulate: int = FromModelInt(281)  # timestep where modulated runs start; by default the step of
+                                        # the checkpoint's grid nearest 281 (SD's grid has 281 itself)
+    num_inference_steps: int = 50       # the checkpoint's grid (SD: 981, 961, ..., 1); coarser: faster, less exact
     # to_q output, and the layer that gets + c * M_i; by default the model's own (default_layers),
     # SD's shown; a layer named by the user is used as named
     feature_layer: str = FromModelStr("up_blocks.1.attentions.0.transformer_blocks.0.attn2")
@@ -72,16 +67,13 @@ class EmerDiffConfig:
             raise ConfigError(f"lam must be finite, got {self.lam}")
         if self.num_inference_steps < 1 or 1000 % self.num_inference_steps:
             raise ConfigError(f"num_inference_steps must divide 1000, got {self.num_inference_steps}")
-        grid_t = leading_timesteps(self.num_inference_steps)
-        if self.t_modulate not in grid_t:
-            raise ConfigError(
-                f"t_modulate={self.t_modulate} is not on the {self.num_inference_steps}-step schedule "
-                f"({grid_t[0]}, {grid_t[1]}, ..., {grid_t[-1]})")
+        # on the checkpoint's own grid, and modulate_steps within it: sampling.ReverseSchedule.build
+        if not 0 < self.t_modulate < 1000:
+            raise ConfigError(f"t_modulate must lie in (0, 1000), got {self.t_modulate}")
         if not 0 <= self.t_feature < 1000:
             raise ConfigError(f"t_feature must lie in [0, 1000), got {self.t_feature}")
-        n_steps = sum(t <= self.t_modulate for t in grid_t)
-        if not 1 <= self.modulate_steps <= n_steps:
-            raise ConfigError(f"modulate_steps must lie in [1, {n_steps}], got {self.modulate_steps}")
+        if self.modulate_steps < 1:
+            raise ConfigError(f"modulate_steps must be at least 1, got {self.modulate_steps}")
         for field in ("feature_layer", "modulated_layer"):
             name = getattr(self, field)
             if not _LAYER_RE.match(name):
@@ -154,8 +146,8 @@ def default_layers(unet) -> tuple[str, str]:
     cross-attention of its first attention gives the features and the first cross-attention
     of its last attention is modulated. SD 1.x/2.x: up_blocks.1 (1/32 of the image),
     attentions 0 and 2, the authors' layers. SDXL: up_blocks.0 (also 1/32), attentions 0
-    and 2. A distilled UNet with fewer blocks (SSD-1B, Vega) gets the same rule on what it
-    has; attentions without transformer blocks are passed over."""
+    and 2; SSD-1B and Vega, SDXL's blocks with fewer transformers in each attention, the
+    same. Attentions without transformer blocks are passed over."""
     for i, block in enumerate(unet.up_blocks):  # diffusers orders up blocks lowest resolution first
         attentions = [j for j, a in enumerate(getattr(block, "attentions", None) or [])
                       if len(getattr(a, "transformer_blocks", ())) and getattr(a.transformer_blocks[0], "attn2", None)]

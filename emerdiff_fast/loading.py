@@ -207,6 +207,16 @@ def recommended_settings(source) -> dict:
     return settings
 
 
+def expected_resolution(pipe, recommended: dict | None = None) -> int:
+    """The resolution a model is meant for: its emerdiff.json's (`recommended`, when the
+    caller has read it already), else the UNet's sample size times the VAE's factor (512
+    for SD 1.x/2.x-base, 1024 for SDXL)."""
+    from .config import model_resolution
+
+    recommended = recommended_settings(pipe) if recommended is None else recommended
+    return int(recommended.get("resolution") or model_resolution(pipe.unet.config, pipe.vae.config))
+
+
 def model_caveats(source) -> dict[str, str]:
     """Measured caveats a model's emerdiff.json carries, per feature (e.g. "labels": how
     well it names segments, with the number and where it was measured); {} if none."""
@@ -247,14 +257,15 @@ def load_pipeline(source, *, device=None, dtype=None, random_init: bool = False,
     random weights. device defaults to "cpu" and dtype to float32 for everything but objects.
     from_pretrained_kwargs (variant, revision, local_files_only, cache_dir, token, ...) go
     to diffusers' from_pretrained / from_single_file as they are; progress=False hides their
-    loading bars. A float16 load keeps a VAE
-    whose config says force_upcast (SDXL's) in float32: it overflows in float16.
+    loading bars. A float16 VAE whose config says force_upcast (SDXL's) is kept in float32,
+    objects included: it overflows in float16. What EmerDiff cannot run is refused in one
+    line (check_pipeline).
     """
     if hasattr(source, "unet") and hasattr(source, "vae"):
         pipe = source
         if device is not None or dtype is not None:
             pipe = pipe.to(device=device, dtype=dtype)
-        return pipe
+        return check_pipeline(upcast_vae(pipe))
     device = device or "cpu"
     dtype = dtype or torch.float32
     source_str = os.fspath(source)
@@ -277,9 +288,45 @@ def load_pipeline(source, *, device=None, dtype=None, random_init: bool = False,
     pipe.set_progress_bar_config(disable=True)
     if pipe.unet.dtype != dtype:
         pipe = pipe.to(dtype=dtype)
-    if dtype == torch.float16 and pipe.vae.config.get("force_upcast", False):
-        pipe.vae.to(torch.float32)  # the VAE runs in its own dtype everywhere (segmenter.encode/decode)
-    return pipe.to(device=device)
+    return check_pipeline(upcast_vae(pipe.to(device=device)), source_str)
+
+
+def vae_dtype(vae, wanted: torch.dtype | None = None) -> torch.dtype:
+    """The dtype a VAE runs in when `wanted` (default: its own): float32 instead of float16
+    where its config says force_upcast (SDXL's VAE overflows in float16: NaN maps)."""
+    wanted = wanted or vae.dtype
+    return torch.float32 if wanted == torch.float16 and vae.config.get("force_upcast", False) else wanted
+
+
+def upcast_vae(pipe):
+    """The pipeline with its VAE moved, in place, to vae_dtype (the VAE runs in its own dtype
+    everywhere: segmenter, hyperfeatures, vocabulary)."""
+    if vae_dtype(pipe.vae) != pipe.vae.dtype:
+        pipe.vae.to(vae_dtype(pipe.vae))
+    return pipe
+
+
+def check_pipeline(pipe, source: str = ""):
+    """Refuse, in one line and before any work, a pipeline EmerDiff would run wrongly: an EDM
+    noise schedule, per-channel latent statistics in the VAE, or a UNet whose added
+    conditioning is not its pipeline class's (a single SDXL .ckpt read as SD)."""
+    from .conditioning import takes_added_conditions
+    from .sampling import is_edm
+
+    where = repr(source) if source else "this pipeline"
+    if is_edm(pipe.scheduler.config):
+        raise ModelLoadError(f"{where} uses {type(pipe.scheduler).__name__}, an EDM noise schedule (as Playground "
+                             "v2.5 and CosXL do); EmerDiff's inversion needs the DDPM schedule (betas) of SD and SDXL")
+    if pipe.vae.config.get("latents_mean") is not None or pipe.vae.config.get("latents_std") is not None:
+        raise ModelLoadError(f"{where}'s VAE normalises latents per channel (latents_mean/latents_std, as "
+                             "Playground v2.5's does); EmerDiff scales latents by scaling_factor only")
+    xl_unet, xl_pipe = takes_added_conditions(pipe.unet.config), hasattr(pipe, "text_encoder_2")
+    if xl_unet != xl_pipe:
+        raise ModelLoadError(
+            f"{where} loaded as {type(pipe).__name__}, but its UNet's addition_embed_type is "
+            f"{pipe.unet.config.get('addition_embed_type')!r} ({'SDXL' if xl_unet else 'SD'}'s); a single .ckpt file "
+            "is read as SD: give `config` (--single-file-config) a diffusers folder of its family")
+    return pipe
 
 
 def _load_mini(dtype):
@@ -288,7 +335,7 @@ def _load_mini(dtype):
     if not (MODEL_DIR / "model_index.json").exists():
         raise ModelLoadError(f"the mini model is not installed (no {MODEL_DIR / 'model_index.json'}); "
                              "train it with `python -m emerdiff_fast.mini train`, or use --model tiny")
-    return pipeline_class().from_pretrained(MODEL_DIR, torch_dtype=dtype, safety_checker=None,
+    return pipeline_class().from_pretrained(MODEL_DIR, dtype=dtype, safety_checker=None,
                                             requires_safety_checker=False, local_files_only=True)
 
 
@@ -321,11 +368,11 @@ def _load_weights(source: str, dtype, config, kwargs: dict):
             index = Path(config) / "model_index.json" if config else None
             name = _class_name(index.parent) if index and index.exists() else _single_file_class(path)
             cls = pipeline_class(name, source)
-            return cls.from_single_file(source, torch_dtype=dtype, **_pipeline_kwargs(cls), **kwargs)
+            return cls.from_single_file(source, dtype=dtype, **_pipeline_kwargs(cls), **kwargs)
         if path.is_dir() and not (path / "model_index.json").exists():
             raise ModelLoadError(f"{source!r} is a folder but not a diffusers pipeline (no model_index.json); {hint}")
         cls = pipeline_class(_class_name(path) if path.is_dir() else _hub_class_name(source, kwargs), source)
-        return cls.from_pretrained(source, torch_dtype=dtype, **_pipeline_kwargs(cls), **kwargs)
+        return cls.from_pretrained(source, dtype=dtype, **_pipeline_kwargs(cls), **kwargs)
     except ModelLoadError:
         raise
     except Exception as exc:  # hub/network/format errors: one line, no deep stack trace

@@ -27,7 +27,7 @@ from typing import Callable
 
 import torch
 
-from .config import ConfigError, EmerDiffConfig
+from .config import ConfigError, EmerDiffConfig, follows_model
 from .conditioning import Conditioning
 
 PREDICTIONS = ("epsilon", "v_prediction")  # model outputs the reverse step can use ("sample" is refused)
@@ -46,9 +46,37 @@ def _scheduler(scheduler_config, num_inference_steps: int):
     """The checkpoint's noise schedule on DDIM's grid (the authors' scheduler class)."""
     from diffusers import DDIMScheduler
 
+    if is_edm(scheduler_config):  # DDIMScheduler.from_config would silently take default betas
+        raise ConfigError("this checkpoint's scheduler is an EDM one (sigma_data; Playground v2.5, CosXL): "
+                          "EmerDiff's inversion needs the DDPM noise schedule (betas) of SD and SDXL")
     sched = DDIMScheduler.from_config(scheduler_config)
     sched.set_timesteps(num_inference_steps)
     return sched
+
+
+def inference_grid(scheduler_config, num_inference_steps: int) -> tuple[int, ...]:
+    """The checkpoint's inference timesteps, largest first, as its scheduler config spaces
+    them: SD's leading with steps_offset 1 gives 981, 961, ..., 1; without the offset
+    980, ..., 0; trailing (zero-terminal-SNR and few-step models) 999, 979, ..., 19."""
+    return tuple(int(t) for t in _scheduler(scheduler_config, num_inference_steps).timesteps)
+
+
+def modulation_start(grid: tuple[int, ...], t_modulate: int) -> int:
+    """t_modulate on the grid: the default (config.follows_model) becomes the grid's nearest
+    step; a value the user gave must be on it."""
+    if t_modulate in grid:
+        return int(t_modulate)
+    near = sorted(grid, key=lambda t: (abs(t - t_modulate), t))[:2]
+    if follows_model(t_modulate):
+        return near[0]
+    raise ConfigError(f"t_modulate={t_modulate} is not on this checkpoint's {len(grid)}-step schedule "
+                      f"({grid[0]}, {grid[1]}, ..., {grid[-1]}); the nearest steps are {min(near)} and {max(near)}")
+
+
+def is_edm(scheduler_config) -> bool:
+    """EDM (Karras) schedulers, e.g. Playground v2.5's and CosXL's: a sigma schedule where
+    EmerDiff's inversion needs the DDPM betas (only EDM schedulers carry sigma_data)."""
+    return "sigma_data" in scheduler_config or str(scheduler_config.get("_class_name", "")).startswith("EDM")
 
 
 def alphas_cumprod(scheduler_config) -> torch.Tensor:
@@ -65,12 +93,11 @@ def noise_to(x0: torch.Tensor, noise: torch.Tensor, alpha_bar: torch.Tensor) -> 
 class ReverseSchedule:
     """The grid and the reverse step's coefficients (SPEC 1.2) from t_modulate to the end."""
 
-    grid: tuple[int, ...]       # every timestep of the inference grid, largest first (981, ..., 1)
-    timesteps: torch.Tensor     # (S,) int64: t_modulate, ..., last
+    grid: tuple[int, ...]       # every timestep of the inference grid, largest first (SD: 981, ..., 1)
+    timesteps: torch.Tensor     # (S,) int64: t_modulate, ..., the last step above 0
     alpha: torch.Tensor         # (S,) float64 a_t
-    alpha_prev: torch.Tensor    # (S,) a_p: a(t - T/n), or alpha_bar(0) at the last step
+    alpha_prev: torch.Tensor    # (S,) a_p: a at the next grid step, or alpha_bar(0) after the last
     var: torch.Tensor           # (S,) (1 - a_p) / (1 - a_t) * (1 - a_t / a_p), > 0
-    alpha_grid: torch.Tensor    # (G,) a_t at every grid timestep, in `grid` order
     prediction: str = "epsilon"  # what the model outputs: "epsilon" or "v_prediction"
 
     def __len__(self) -> int:
@@ -85,21 +112,28 @@ class ReverseSchedule:
                               "SD 2.x at 768 px)")
         sched = _scheduler(scheduler_config, config.num_inference_steps)
         grid = tuple(int(t) for t in sched.timesteps)
-        if config.t_modulate not in grid:
-            raise ConfigError(f"t_modulate={config.t_modulate} is not on this checkpoint's schedule "
-                              f"({grid[0]}, {grid[1]}, ..., {grid[-1]})")
+        start = modulation_start(grid, config.t_modulate)
         if scheduler_config.get("set_alpha_to_one", False):
             # SD's configs say false; with alpha_bar_prev = 1 the last step has zero variance and
             # z_t is undefined, so the last step uses alpha_bar(0) as SD does (SPEC 1.2).
             warnings.warn("scheduler config has set_alpha_to_one=True; EmerDiff uses alpha_bar(0) at the "
                           "last step, as Stable Diffusion's schedulers do", stacklevel=3)
         ac = sched.alphas_cumprod.double()
-        ratio = sched.config.num_train_timesteps // config.num_inference_steps
-        steps = [t for t in grid if t <= config.t_modulate]
+        # a_p: alpha_bar at the next grid step, alpha_bar(0) after the last. A grid's t = 0 step
+        # (no steps_offset) would go from alpha_bar(0) to alpha_bar(0): it moves nothing and has
+        # zero variance (no z_t to solve), so the walk ends before it.
+        after = dict(zip(grid, grid[1:]))
+        steps = [t for t in grid if 0 < t <= start]
         a_t = ac[steps]
-        a_p = torch.stack([ac[t - ratio] if t - ratio >= 0 else ac[0] for t in steps])
+        a_p = torch.stack([ac[after[t]] if after.get(t, 0) > 0 else ac[0] for t in steps])
+        if (a_t == 0).any():  # zero terminal SNR: x_0 = (x - sqrt(1 - a) eps) / sqrt(a) divides by 0
+            raise ConfigError(f"t_modulate={start}: this checkpoint's alpha_bar is 0 there (a zero-terminal-SNR "
+                              f"schedule) and the inversion divides by its root; give t_modulate {grid[1]} or lower")
+        if not 1 <= config.modulate_steps <= len(steps):
+            raise ConfigError(f"modulate_steps must lie in [1, {len(steps)}] on this checkpoint's schedule from "
+                              f"t_modulate={start}, got {config.modulate_steps}")
         var = (1 - a_p) / (1 - a_t) * (1 - a_t / a_p)
-        return cls(grid, torch.tensor(steps), a_t, a_p, var, ac[list(grid)], prediction)
+        return cls(grid, torch.tensor(steps), a_t, a_p, var, prediction)
 
 
 @dataclass
@@ -175,8 +209,8 @@ def sample_trajectory(schedule: ReverseSchedule, x0: torch.Tensor, noise: torch.
     """x0 (1, C, h, w), noise from trajectory_noise -> the sampled latents from t_modulate
     down, then x_0 itself (SPEC 1.5), with the step coefficients, on x0's device."""
     first = schedule.grid.index(int(schedule.timesteps[0]))
-    a = schedule.alpha_grid[first:].to(x0.device)[:, None, None, None, None]
-    sampled = noise_to(x0.double()[None], noise[first:].to(x0.device), a)
+    a = schedule.alpha.to(x0.device)[:, None, None, None, None]  # the walk's steps: grid[first:first + S]
+    sampled = noise_to(x0.double()[None], noise[first:first + len(schedule)].to(x0.device), a)
     latents = torch.cat([sampled, x0.double()[None]])
 
     def cast(t):

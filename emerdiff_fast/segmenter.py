@@ -17,16 +17,16 @@ import torch.nn.functional as F
 from . import reference
 from .attention import find_module
 from .conditioning import Conditioning, empty_prompt
-from .config import ConfigError, EmerDiffConfig, layer_grid, model_resolution, size_multiple, vae_scale_factor
+from .config import ConfigError, EmerDiffConfig, layer_grid, size_multiple, vae_scale_factor
 from .engine import ChunkPlan, FastOptions, FastPath
 from .images import ImageError, load_image, processing_size, resize_labels, to_model_input
 from .kmeans import kmeans
-from .loading import model_caveats, recommended_settings
+from .loading import expected_resolution, load_pipeline, model_caveats, recommended_settings, vae_dtype
 from .maps import assign_labels, gaussian_blur, mask_embeddings, masks_from_labels, naive_upsample
 from .result import SegmentationResult
 from .run import Progress, Run
-from .sampling import (ReverseSchedule, alphas_cumprod, feature_noise, latent_dtype, noise_to, sample_trajectory,
-                       trajectory_noise)
+from .sampling import (ReverseSchedule, alphas_cumprod, feature_noise, inference_grid, latent_dtype, modulation_start,
+                       noise_to, sample_trajectory, trajectory_noise)
 from .timing import timed
 
 BACKENDS = ("reference", "fast", "naive")
@@ -67,14 +67,6 @@ def _once(message: str, *args) -> None:
         log.warning(text)
 
 
-def expected_resolution(pipe, recommended: dict | None = None) -> int:
-    """The resolution a model is meant for: its emerdiff.json's (`recommended`, when the
-    caller has read it already), else the UNet's sample size times the VAE's factor (512
-    for SD 1.x/2.x-base, 1024 for SDXL)."""
-    recommended = recommended_settings(pipe) if recommended is None else recommended
-    return int(recommended.get("resolution") or model_resolution(pipe.unet.config, pipe.vae.config))
-
-
 def settle_config(pipe, config: EmerDiffConfig | None, overrides: dict) -> EmerDiffConfig:
     """The segmenter's config. Keyword overrides (EmerDiff(pipe, num_masks=30)) go on top of
     the model's recommended settings (its emerdiff.json, else the method's defaults), or on
@@ -97,6 +89,12 @@ def settle_config(pipe, config: EmerDiffConfig | None, overrides: dict) -> EmerD
             _once("this config departs from the model's recommended settings (its emerdiff.json): %s", ", ".join(
                       f"{k} {getattr(config, k)} (recommended {v})" for k, v in departs.items()))
     config = config.for_model(pipe.unet, pipe.vae.config)
+    grid = inference_grid(pipe.scheduler.config, config.num_inference_steps)
+    start = modulation_start(grid, config.t_modulate)  # refuses a given value off the grid
+    if start != config.t_modulate:
+        _once("t_modulate %d is not on this checkpoint's %d-step schedule (%d, %d, ..., %d): using its nearest "
+              "step, %d", config.t_modulate, len(grid), grid[0], grid[1], grid[-1], start)
+        config = config.replace(t_modulate=start)
     expected = expected_resolution(pipe, recommended)
     if not expected / 2 <= config.resolution <= expected * 2:
         _once("resolution %d is far from the %d px this model expects: its segments may be poor (and a larger "
@@ -143,6 +141,7 @@ class EmerDiff:
                  compile: bool | str = False, compile_decode: bool | None = None, max_batch: int | None = None,
                  decode_batch: int | None = None, options: FastOptions | None = None, progress: bool = False,
                  **overrides):
+        pipe = load_pipeline(pipe)  # an object as it is, but checked and its VAE upcast where it must be
         config = settle_config(pipe, config, overrides)
         if backend not in BACKENDS:
             raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
@@ -186,7 +185,11 @@ class EmerDiff:
         self.decode_vae = self.vae  # a copy in config.decode_dtype when that differs (a speed preset)
         # the VAE runs in its own dtype (an fp32 VAE under a 16-bit UNet is the usual fix for
         # VAE overflow), unless a speed preset asks for another decode dtype
-        decode_dtype = getattr(torch, self.config.decode_dtype) if self.config.decode_dtype else self.vae.dtype
+        wanted = getattr(torch, self.config.decode_dtype) if self.config.decode_dtype else self.vae.dtype
+        decode_dtype = vae_dtype(self.vae, wanted)
+        if decode_dtype != wanted:
+            _once("decode_dtype=float16: this VAE's config says force_upcast (it overflows in float16), so it "
+                  "decodes in float32")
         if decode_dtype != self.vae.dtype:  # (config allows only float32, bfloat16, float16)
             self.decode_vae = copy.deepcopy(self.vae).to(decode_dtype)
         if self.config.approximate:

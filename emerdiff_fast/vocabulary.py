@@ -28,6 +28,7 @@ from .attention import installed, plain_attention
 from .config import ConfigError, layer_grid, layer_scale, size_multiple, vae_scale_factor
 from .datasets import read_names
 from .images import load_image, processing_size, to_model_input
+from .loading import expected_resolution, load_pipeline
 from .result import SegmentationResult
 from .sampling import alphas_cumprod, noise_to
 
@@ -140,13 +141,15 @@ class _Recorder:
 class Vocabulary:
     """Heat maps of `labels` for images, from the pipeline's UNet and text encoder."""
 
-    def __init__(self, pipe, labels: list[str], config: VocabularyConfig | None = None, *, resolution: int = 512,
-                 keep_aspect: bool = False):
+    def __init__(self, pipe, labels: list[str], config: VocabularyConfig | None = None, *,
+                 resolution: int | None = None, keep_aspect: bool = False):
         labels = [str(label).strip() for label in labels]
         if not labels or any(not label for label in labels) or len(set(labels)) < len(labels):
             raise ConfigError(f"labels must be distinct and non-empty, got {labels}")
+        pipe = load_pipeline(pipe)  # checked, its VAE upcast where it must be
         self.pipe, self.labels, self.config = pipe, labels, config or VocabularyConfig()
-        self.resolution, self.keep_aspect = resolution, keep_aspect
+        # by default the model's own resolution, as EmerDiff's (SD 512, SDXL 1024, mini 64)
+        self.resolution, self.keep_aspect = resolution or expected_resolution(pipe), keep_aspect
         self.unet, self.vae = pipe.unet, pipe.vae
         self.layers = heat_layers(self.unet, self.vae.config, self.config.scales)
         cfg = self.config

@@ -117,3 +117,14 @@ def settings_left_as_found():
                      if (before[group].get(key, "<missing>") != after[group].get(key, "<missing>")
                          if isinstance(before[group], dict) else before[group] != after[group]))
     assert not changed, f"the test left global settings changed: {changed}"
+
+
+@pytest.fixture
+def triton_off(monkeypatch):
+    """The fast path's PyTorch fallbacks (the kill switch, EMERDIFF_DISABLE_TRITON=1), also in
+    the subprocesses a test starts: for tests whose point is not the kernels (the CLI, the
+    docs, evaluation, the mini model's quality). On the CPU the kernels run under Triton's
+    interpreter, where k-means alone costs ~8 s per mini-model image; they have their own
+    tests (tests/kernels), and the equivalence tests (test_fast, test_aspect, test_families)
+    run them in the fast path."""
+    monkeypatch.setenv("EMERDIFF_DISABLE_TRITON", "1")

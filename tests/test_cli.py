@@ -1,7 +1,10 @@
 import numpy as np
+import pytest
 from PIL import Image
 
 from emerdiff_fast.cli import main
+
+pytestmark = pytest.mark.usefixtures("triton_off")  # the kernels are not the point here (conftest)
 
 ARGS = ["--model", "tiny", "--masks", "4", "--resolution", "64", "--quiet"]
 

@@ -16,6 +16,8 @@ import emerdiff_fast
 from emerdiff_fast.cli import main, make_parser
 from test_images import exif_rotated_jpeg, png_bytes
 
+pytestmark = pytest.mark.usefixtures("triton_off")  # the kernels are not the point here (conftest)
+
 FAST = ["--model", "tiny", "--masks", "2", "--resolution", "64", "--feature-samples", "1", "--quiet"]
 REPO = Path(__file__).resolve().parents[1]
 

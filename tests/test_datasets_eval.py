@@ -6,6 +6,8 @@ from PIL import Image
 
 from emerdiff_fast.datasets import DatasetError, SegmentationDataset
 
+pytestmark = pytest.mark.usefixtures("triton_off")  # the kernels are not the point here (conftest)
+
 RNG = np.random.default_rng(0)
 
 

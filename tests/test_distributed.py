@@ -17,8 +17,8 @@ from PIL import Image
 
 from test_datasets_eval import _img, make_fixture
 
-pytestmark = pytest.mark.skipif(not torch.distributed.is_available(),
-                                reason="this torch build has no torch.distributed")
+pytestmark = [pytest.mark.skipif(not torch.distributed.is_available(), reason="this torch build has no torch.distributed"),
+              pytest.mark.usefixtures("triton_off")]  # the kernels are not the point here (conftest)
 REPO = Path(__file__).resolve().parents[1]
 ARGS = ["--model", "tiny", "--masks", "2", "--resolution", "64", "--feature-samples", "1", "--quiet"]
 

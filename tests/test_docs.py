@@ -11,6 +11,8 @@ from pathlib import Path
 
 import pytest
 
+pytestmark = pytest.mark.usefixtures("triton_off")  # the kernels are not the point here (conftest)
+
 REPO = Path(__file__).resolve().parents[1]
 PAGES = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]
 NEEDS = {"weights", "data", "gpu", "long", "install"}  # downloaded weights, data sets, a GPU, minutes, pip

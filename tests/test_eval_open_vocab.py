@@ -11,6 +11,8 @@ from emerdiff_fast.datasets import NAMED_DATASETS, NUM_CLASSES, DatasetError, cl
 from emerdiff_fast.metrics import ClassMIoU
 from emerdiff_fast.scenes import HELDOUT_SEEDS, write_dataset
 
+pytestmark = pytest.mark.usefixtures("triton_off")  # the kernels are not the point here (conftest)
+
 
 def test_shipped_class_names():
     for name in NAMED_DATASETS:

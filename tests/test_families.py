@@ -66,7 +66,13 @@ def _skeleton_unet(name: str, **changes):
     ("sd15", {}, 1, (0, 2)),
     ("sd21-base", {}, 1, (0, 2)),
     ("sdxl-base", {}, 0, (0, 2)),
-    # SSD-1B-like: fewer resnets and attentions per block and shallower transformers
+    # SSD-1B and Segmind Vega (their published structures: SDXL's blocks with transformers removed
+    # unevenly, up_blocks.0 4/4/10 and 2/2/2 deep, no attention in the mid block): SDXL's layers
+    ("sdxl-base", dict(transformer_layers_per_block=[1, 2, 4], mid_block_type="UNetMidBlock2D",
+                       reverse_transformer_layers_per_block=[[4, 4, 10], [2, 1, 1], 1]), 0, (0, 2)),
+    ("sdxl-base", dict(transformer_layers_per_block=[1, 1, 2], mid_block_type="UNetMidBlock2D",
+                       reverse_transformer_layers_per_block=[[2, 2, 2], [1, 1, 1], 1]), 0, (0, 2)),
+    # one resnet per block, so two attentions per up block (no released model): the rule on it
     ("sdxl-base", dict(layers_per_block=1, transformer_layers_per_block=[1, 1, 4]), 0, (0, 1)),
     # an attention left without transformer blocks is passed over
     ("sdxl-base", dict(transformer_layers_per_block=[1, 2, 4],
@@ -74,6 +80,9 @@ def _skeleton_unet(name: str, **changes):
 ])
 def test_default_layers_come_from_the_structure(model, changes, block, attentions):
     unet = _skeleton_unet(model, **changes)
+    if "reverse_transformer_layers_per_block" in changes:  # the structure is the one described
+        depths = [len(a.transformer_blocks) for a in unet.up_blocks[0].attentions]
+        assert depths == changes["reverse_transformer_layers_per_block"][0]
     expected = tuple(f"up_blocks.{block}.attentions.{a}.transformer_blocks.0.attn2" for a in attentions)
     assert default_layers(unet) == expected
     if model.startswith("sd1") or model.startswith("sd2"):  # SD: exactly the authors' (and the old defaults)
@@ -301,3 +310,66 @@ def test_memory_model_on_the_sdxl_skeleton_matches_a_real_cpu_run():
     predicted = MemoryModel.of(*configs, res, torch.float32, layer).unet_call(members)
     assert predicted > 10e6
     assert abs(real / predicted - 1) < 0.01, (real, predicted)
+
+
+def test_a_pipeline_passed_in_keeps_a_force_upcast_vae_in_float32(our_log):
+    """SDXL's VAE overflows in float16 (NaN maps): the force_upcast rule holds for pipelines the
+    user built, and for decode_dtype="float16", not only for checkpoints load_pipeline reads."""
+    half = load_pipeline(tiny_sdxl_pipeline(), dtype=torch.float16)
+    assert (half.unet.dtype, half.vae.dtype) == (torch.float16, torch.float32)
+    user = tiny_sdxl_pipeline().to(torch.float16)  # built and cast by the user, handed to EmerDiff
+    EmerDiff(user, CFG.replace(resolution=128), backend="naive")
+    assert user.vae.dtype == torch.float32
+    seg = EmerDiff(tiny_sdxl_pipeline(), CFG.replace(resolution=128, decode_dtype="float16"), backend="naive")
+    assert seg.decode_vae.dtype == torch.float32
+    assert "decode_dtype=float16: this VAE's config says force_upcast" in our_log.text
+    sd = load_pipeline("tiny")
+    sd.vae.register_to_config(force_upcast=False)  # the rule only where the config says so
+    assert load_pipeline(sd, dtype=torch.float16).vae.dtype == torch.float16
+
+
+def test_edm_schedules_per_channel_latents_and_mismatched_unets_are_refused_in_one_line():
+    from diffusers import EDMEulerScheduler
+
+    pipe = load_pipeline("tiny")
+    pipe.scheduler = EDMEulerScheduler()  # Playground v2.5, CosXL
+    with pytest.raises(ModelLoadError, match="EDMEulerScheduler, an EDM noise schedule"):
+        EmerDiff(pipe, CFG.replace(resolution=64))
+    pipe = load_pipeline("tiny")
+    pipe.vae.register_to_config(latents_mean=[0.0] * 4, latents_std=[1.0] * 4)  # Playground v2.5's VAE
+    with pytest.raises(ModelLoadError, match="latents_mean/latents_std"):
+        load_pipeline(pipe)
+    sd = load_pipeline("tiny")
+    sd.unet = tiny_sdxl_pipeline().unet  # as a single SDXL .ckpt read as SD would load
+    with pytest.raises(ModelLoadError, match="addition_embed_type is 'text_time'.*single .ckpt"):
+        load_pipeline(sd)
+
+
+def test_generate_and_extract_share_the_empty_prompt(monkeypatch):
+    """Hyperfeatures on SDXL: generate("") conditions on what extract does (zeros where
+    force_zeros_for_empty_prompt), not on "" through both encoders."""
+    from emerdiff_fast.hyperfeatures import ExtractConfig, FeatureExtractor
+
+    ex = FeatureExtractor(tiny_sdxl_pipeline(), ExtractConfig(num_timesteps=1, save_timestep=(0,)))
+    seen = []
+
+    def run(x, inversion, cond=None):
+        seen.append(cond)
+        raise KeyboardInterrupt  # stop before any UNet call
+
+    monkeypatch.setattr(ex, "_run", run)
+    with pytest.raises(KeyboardInterrupt):
+        ex.generate(1, "")
+    assert seen[0] is ex.cond and ex.cond.context.abs().max() == 0
+
+
+def test_api_resolutions_follow_the_model(tiny_pipe):
+    from emerdiff_fast.hyperfeatures import ExtractConfig, FeatureExtractor
+    from emerdiff_fast.vocabulary import Vocabulary
+
+    sdxl = tiny_sdxl_pipeline()  # sample size 16 x VAE factor 8: 128 px
+    assert FeatureExtractor(sdxl).config.load_resolution == 128
+    assert FeatureExtractor(sdxl).config.output_resolution == 16
+    assert FeatureExtractor(tiny_pipe).config.load_resolution == EmerDiff(tiny_pipe, backend="naive").config.resolution
+    assert FeatureExtractor(sdxl, ExtractConfig(load_resolution=64)).config.load_resolution == 64
+    assert Vocabulary(sdxl, ["a"]).resolution == 128 and Vocabulary(sdxl, ["a"], resolution=64).resolution == 64

@@ -13,6 +13,8 @@ from emerdiff_fast.output import CheckpointError, read_checkpoint
 from emerdiff_fast.mini import MAX_TOKENS, build_models, build_tokenizer, caption_words
 from emerdiff_fast.scenes import render_batch
 
+pytestmark = pytest.mark.usefixtures("triton_off")  # the kernels are not the point here (conftest)
+
 
 def test_every_caption_word_is_one_token():
     tok = build_tokenizer()

@@ -8,13 +8,16 @@ from emerdiff_fast.metrics import instance_scores
 from emerdiff_fast.mini import MODEL_DIR
 from emerdiff_fast.scenes import HELDOUT_SEEDS, make_scene
 
-pytestmark = pytest.mark.skipif(not (MODEL_DIR / "model_index.json").exists(), reason="mini model not shipped")
+pytestmark = [pytest.mark.skipif(not (MODEL_DIR / "model_index.json").exists(), reason="mini model not shipped"),
+              pytest.mark.usefixtures("triton_off")]  # the kernels are not the point here (conftest)
 SEEDS = range(HELDOUT_SEEDS.start + 500, HELDOUT_SEEDS.start + 508)  # 8 fixed held-out scenes
 
 
 @pytest.fixture(scope="module")
 def mini(monkeypatch_module):
     monkeypatch_module.setenv("HF_HUB_OFFLINE", "1")  # no network: the folder alone must do
+    # conftest.triton_off for the module-scoped segmentations below (made before any function fixture)
+    monkeypatch_module.setenv("EMERDIFF_DISABLE_TRITON", "1")
     return load_pipeline("mini")
 
 

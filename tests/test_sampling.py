@@ -87,8 +87,60 @@ def test_checkpoints_that_do_not_fit(tiny_pipe):
     with pytest.warns(UserWarning, match="set_alpha_to_one"):
         schedule = ReverseSchedule.build({**config, "set_alpha_to_one": True}, CFG)
     assert (schedule.var > 0).all()
-    with pytest.raises(ConfigError, match="not on this checkpoint's schedule"):
-        ReverseSchedule.build({**config, "steps_offset": 0}, CFG)
+    with pytest.raises(ConfigError, match="not on this checkpoint's 50-step schedule .* nearest steps are 261 and 281"):
+        ReverseSchedule.build(config, CFG.replace(t_modulate=280))  # a value the user gave
+    with pytest.raises(ConfigError, match=r"modulate_steps must lie in \[1, 15\]"):
+        ReverseSchedule.build(config, CFG.replace(modulate_steps=16))
+    from diffusers import EDMEulerScheduler
+
+    with pytest.raises(ConfigError, match="EDM"):  # Playground v2.5, CosXL: not DDIM with default betas
+        ReverseSchedule.build(dict(EDMEulerScheduler().config), CFG)
+
+
+@pytest.mark.parametrize("extra, start", [
+    ({"steps_offset": 0}, 280),                                   # grid 980, ..., 0
+    ({"timestep_spacing": "trailing"}, 279),                      # 999, 979, ..., 19
+    ({"timestep_spacing": "linspace"}, 285),                      # 999, 979, 958, ..., 0 (uneven)
+    ({"timestep_spacing": "trailing", "rescale_betas_zero_snr": True, "prediction_type": "v_prediction"}, 279),
+])
+def test_default_t_modulate_follows_the_checkpoints_grid(tiny_pipe, extra, start):
+    """Trailing spacing (zero-terminal-SNR, Lightning/Turbo-style configs) or no steps_offset:
+    the default t_modulate becomes the grid's nearest step, and the inversion still lands
+    exactly on every sampled latent (no zero variance, no division by zero)."""
+    # (as the checkpoint's own file says them: not among the keys diffusers filled by default)
+    config = {**{k: v for k, v in tiny_pipe.scheduler.config.items() if k != "_use_default_values"}, **extra}
+    schedule, traj, x0 = _trajectory(config)
+    assert int(schedule.timesteps[0]) == start and int(schedule.timesteps[-1]) > 0
+    assert (schedule.alpha > 0).all() and (schedule.var > 0).all()
+    nxt = {t: u for t, u in zip(schedule.grid, schedule.grid[1:])}
+    for t, a_p in zip(schedule.timesteps.tolist(), schedule.alpha_prev):  # a_p: the next grid step's alpha
+        expected = alphas_cumprod(config)[nxt[t] if nxt.get(t, 0) > 0 else 0]
+        assert torch.isclose(a_p, expected)
+    x, g = traj.latents[0], torch.Generator().manual_seed(1)
+    for i in range(len(traj)):
+        eps = torch.randn((1, *SHAPE), generator=g, dtype=torch.float64)
+        z = traj.solve_noise(i, x, eps)
+        assert torch.isfinite(z).all()
+        assert torch.allclose(traj.step(i, x, eps, z), traj.latents[i + 1], atol=1e-10)
+        x = traj.latents[i + 1]
+    assert torch.equal(x, x0)
+    if extra.get("rescale_betas_zero_snr"):  # alpha_bar(999) = 0: refused by name, not NaN
+        with pytest.raises(ConfigError, match="alpha_bar is 0"):
+            ReverseSchedule.build(config, CFG.replace(t_modulate=999))
+
+
+def test_the_segmenter_says_once_where_t_modulate_moved(tiny_pipe, our_log):
+    from diffusers import DDIMScheduler
+
+    from emerdiff_fast import EmerDiff, load_pipeline
+
+    pipe = load_pipeline("tiny")
+    own = {k: v for k, v in pipe.scheduler.config.items() if k != "_use_default_values"}
+    pipe.scheduler = DDIMScheduler.from_config({**own, "timestep_spacing": "trailing", "set_alpha_to_one": False})
+    for _ in range(2):
+        seg = EmerDiff(pipe, resolution=128, num_masks=4, seed=987)  # (the seed: a message not said before)
+    assert seg.config.t_modulate == 279 and seg.schedule.timesteps[0] == 279
+    assert our_log.text.count("t_modulate 281 is not on this checkpoint's 50-step schedule") == 1
 
 
 def test_sd_skeleton_schedule_is_the_papers():

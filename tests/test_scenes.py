@@ -9,6 +9,8 @@ from emerdiff_fast.datasets import SegmentationDataset
 from emerdiff_fast.scenes import (BACKGROUNDS, CLASSES, COLOURS, HELDOUT_SEEDS, MAX_SHAPES, SIZE_RANGE, TRAIN_SEEDS,
                                   make_scene, write_dataset)
 
+pytestmark = pytest.mark.usefixtures("triton_off")  # the kernels are not the point here (conftest)
+
 SEEDS = range(HELDOUT_SEEDS.start, HELDOUT_SEEDS.start + 60)
 
 

@@ -9,6 +9,8 @@ from emerdiff_fast.scenes import COLOUR_SHAPE_LABELS
 from emerdiff_fast.vocabulary import (Vocabulary, VocabularyConfig, combine, heat_layers, name_segments,
                                       prompt_tokens, segment_scores)
 
+pytestmark = pytest.mark.usefixtures("triton_off")  # the kernels are not the point here (conftest)
+
 
 @pytest.fixture(scope="module")
 def mini():

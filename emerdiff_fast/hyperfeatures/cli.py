@@ -166,7 +166,7 @@ def _weights(args, one_step: bool, given):
 
 
 def _hyperfeatures(args, pipe, one_step: bool, weights):
-    from ..segmenter import expected_resolution
+    from ..loading import expected_resolution
     from . import Hyperfeatures
     from .extract import ExtractConfig
 

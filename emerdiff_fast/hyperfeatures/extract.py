@@ -13,7 +13,8 @@ Faithful to the authors' code (diffusion-hyperfeatures/diffusion_hyperfeatures):
   "all steps" config saves [49, 45, 40, ..., 5, 0], the one-step config runs one step
   (S = 1, index 0: the UNet on the clean latent);
 * the latent is a sample of the VAE posterior times the scaling factor (theirs unseeded;
-  here seeded, so a run is reproducible); images resized to load_resolution (512).
+  here seeded, so a run is reproducible); images resized to load_resolution (the model's:
+  SD 512).
 
 Memory (choice): features are kept at the resolution each block produces them (8x8 to
 64x64 at 512 px) in bf16, and resized to output_resolution (64) only inside the
@@ -35,6 +36,7 @@ from .. import conditioning
 from ..conditioning import Conditioning, empty_prompt
 from ..config import vae_scale_factor
 from ..images import load_image, to_model_input
+from ..loading import expected_resolution, load_pipeline
 from ..sampling import PREDICTIONS, alphas_cumprod, epsilon_from
 
 ALL_STEPS = (49, 45, 40, 35, 30, 25, 20, 15, 10, 5, 0)  # the authors' "all steps" save_timestep
@@ -45,7 +47,8 @@ ONE_STEP = (0,)
 class ExtractConfig:
     num_timesteps: int = 50                     # DDIM steps (1 for the one-step variant)
     save_timestep: tuple[int, ...] = ALL_STEPS  # step indices whose features are kept
-    load_resolution: int = 512                  # images are resized to this square
+    load_resolution: int | None = None          # images are resized to this square; None: the model's
+                                                # (loading.expected_resolution: SD 512, SDXL 1024, mini 64)
     output_resolution: int | None = None        # aggregation resolution (aggregation.py); None: the
                                                 # latent grid (load_resolution / VAE factor: SD 64, mini 16)
     layers: tuple[tuple[int, int], ...] | None = None  # (up block, resnet); None: every decoder resnet
@@ -105,10 +108,13 @@ class FeatureExtractor:
     """Runs DDIM inversion (or generation) in batches and captures the decoder features."""
 
     def __init__(self, pipe, config: ExtractConfig | None = None, compile: bool = False, compile_backend="inductor"):
+        pipe = load_pipeline(pipe)  # checked, its VAE upcast where it must be
         self.pipe, self.config = pipe, config or ExtractConfig()
         self.unet, self.vae = pipe.unet, pipe.vae
         if self.config.layers is None:
             self.config = dataclasses.replace(self.config, layers=decoder_layers(self.unet))
+        if self.config.load_resolution is None:
+            self.config = dataclasses.replace(self.config, load_resolution=expected_resolution(pipe))
         if self.config.output_resolution is None:
             self.config = dataclasses.replace(
                 self.config, output_resolution=self.config.load_resolution // vae_scale_factor(self.vae.config))
@@ -119,6 +125,9 @@ class FeatureExtractor:
         grid = ddim_grid(self.config.num_timesteps)
         self.walk = [-1] + grid  # inversion goes left to right, generation right to left
         self.alpha = torch.stack([torch.ones(()) if t < 0 else a[t] for t in self.walk]).to(self.device)
+        if (self.alpha == 0).any():  # DDIM's x0 = (x - sqrt(1 - a) eps) / sqrt(a)
+            raise ValueError(f"alpha_bar is 0 at t = {grid[-1]} on this checkpoint's schedule (zero terminal SNR): "
+                             f"num_timesteps={self.config.num_timesteps} reaches it; use fewer")
         self.prediction = pipe.scheduler.config.get("prediction_type", "epsilon")
         if self.prediction not in PREDICTIONS:
             raise ValueError(f"the checkpoint predicts {self.prediction!r}; DDIM inversion needs epsilon or "
@@ -205,7 +214,8 @@ class FeatureExtractor:
         side = r // vae_scale_factor(self.vae.config)
         g = torch.Generator().manual_seed(self.config.seed if seed is None else seed)
         noise = torch.randn((batch, self.unet.config.in_channels, side, side), generator=g).to(self.device)
-        cond = conditioning.prompt(self.pipe, prompt, self.device, self.dtype, (r, r))
+        # the empty prompt is extract()'s own (SDXL's zeros where force_zeros_for_empty_prompt)
+        cond = conditioning.prompt(self.pipe, prompt, self.device, self.dtype, (r, r)) if prompt else self.cond
         feats = self._run(noise, inversion=False, cond=cond)
         with torch.inference_mode():
             lat = feats.latents / self.vae.config.scaling_factor
