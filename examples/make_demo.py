@@ -25,7 +25,7 @@ def demo(scale: int = 3) -> Path:
     inputs = sorted((HERE / "scenes").glob("scene-*.png"))
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
-        if main(["segment", str(HERE / "scenes"), "--out", tmp, "--quiet"]) != 0:
+        if main(["segment", str(HERE / "scenes"), "--out", tmp, "--quiet", "--overlay-scale", "1"]) != 0:
             raise SystemExit("segment failed")
         for path in inputs:
             scene = make_scene(int(path.stem.split("-")[1]))

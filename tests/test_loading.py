@@ -57,7 +57,11 @@ def test_folder_without_pipeline(tmp_path):
 
 
 def test_unreachable_hub_id(monkeypatch):
+    import huggingface_hub.constants
+
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    # read once when huggingface_hub is imported (earlier in the worker): offline for this test too
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
     with pytest.raises(ModelLoadError, match="could not load weights from 'nobody/no-such-model'") as exc:
         load_pipeline("nobody/no-such-model")
     assert exc.value.__cause__ is None and "\n" not in str(exc.value)
