@@ -41,12 +41,16 @@ else
     [ -d .whl ] || { echo "FAILED: no .whl (carry .whl: bash benchmarks/gpu_prepare.sh)"; exit 1; }
     timeout 20 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 fi
-if [ -d .whl ]; then  # what the image lacks, and the project itself, as on the GPU machine
+# .whl holds Python 3.12 wheels (the image's): a dry run elsewhere uses what is installed
+if [ -d .whl ] && python3 -c 'import sys; sys.exit(sys.version_info[:2] != (3, 12))'; then
+    # what the image lacks, and the project itself, as on the GPU machine
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target "$SITE" .whl/*.whl \
         || { echo "FAILED: installing the carried wheels (.whl/)"; exit 1; }
     export PYTHONPATH=$SITE${PYTHONPATH:+:$PYTHONPATH}
     python3 -m pip install -q --no-deps --no-build-isolation --no-compile --target "$SITE" . \
         || { echo "FAILED: installing the project"; exit 1; }
+elif [ -z "$DRY" ]; then
+    echo "FAILED: .whl holds wheels for Python 3.12; this is $(python3 --version)"; exit 1
 fi
 echo "setup took $(( $(date +%s) - START )) s"
 # gpu_run first checks the imports and builds the full-size models on the meta device (one line,

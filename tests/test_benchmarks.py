@@ -6,6 +6,8 @@ import torch
 
 from benchmarks.common import count_flops, floor_flops, peak_memory_gb, reset_peak_memory, skeleton_path
 
+pytestmark = pytest.mark.usefixtures("triton_off")  # the kernels are not the point here (conftest)
+
 
 def test_count_flops_of_a_matmul():
     a, b = torch.randn(8, 16), torch.randn(16, 4)

@@ -9,6 +9,8 @@ import torch
 from emerdiff_fast import EmerDiff, EmerDiffConfig, engine
 from emerdiff_fast.memory import MemoryModel
 
+pytestmark = pytest.mark.usefixtures("triton_off")  # the kernels are not the point here (conftest)
+
 GB = 2 ** 30
 SD15 = Path(__file__).resolve().parents[2] / "shared" / "model-skeletons" / "sd15"
 

@@ -134,6 +134,7 @@ def test_fast_equals_reference_and_lambda_zero_vanishes(family, sdxl, v_pipe, ra
             assert float((run - x0[0]).norm() / x0[0].norm()) <= 1e-5
 
 
+@pytest.mark.usefixtures("triton_off")  # the graphs, the CLI, the memory: not the kernels
 def test_compiled_sdxl_unet_traces_once(sdxl, rand_image):
     """The added conditions are graph inputs like the context: one graph for step 0 and one
     for the later steps, reused by the next image without recompiling."""
@@ -181,6 +182,7 @@ def _record_unet_kwargs(unet):
     return seen, unet.register_forward_pre_hook(hook, with_kwargs=True)
 
 
+@pytest.mark.usefixtures("triton_off")  # what each UNet call gets, not the kernels
 @pytest.mark.parametrize("backend", ["reference", "fast"])
 def test_every_sdxl_unet_call_gets_the_pooled_text_and_the_processing_size(sdxl, rand_image, backend):
     seg = EmerDiff(sdxl, CFG.replace(keep_aspect=True, resolution=128), backend=backend)
@@ -249,6 +251,7 @@ def test_v_prediction_hyperfeatures_invert_with_the_converted_noise(v_pipe, rand
     assert not torch.allclose(got, read_as_eps, atol=1e-3)
 
 
+@pytest.mark.usefixtures("triton_off")  # the graphs, the CLI, the memory: not the kernels
 def test_cli_segments_with_saved_folders(sdxl_folder, v_folder, photo_path, tmp_path, capsys):
     from PIL import Image
 
@@ -283,6 +286,7 @@ def test_single_sdxl_file_is_recognised_by_its_tensor_names(tmp_path):
     assert _single_file_class(tmp_path / "sd.safetensors") == "StableDiffusionPipeline"
 
 
+@pytest.mark.usefixtures("triton_off")  # the graphs, the CLI, the memory: not the kernels
 def test_memory_model_on_the_sdxl_skeleton_matches_a_real_cpu_run():
     """The meta-device trace against the same fast-path UNet call run for real on the CPU
     (full-size SDXL base, uninitialised weights: activations do not depend on their values),

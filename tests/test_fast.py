@@ -50,6 +50,7 @@ def test_every_technique_subset_matches_reference(tiny_pipe, rand_image, options
     assert (fast.labels == ref.labels).mean() >= 0.999
 
 
+@pytest.mark.usefixtures("triton_off")  # the memory format: not the kernels (conftest)
 def test_channels_last_matches_reference(rand_image):
     from emerdiff_fast import load_pipeline
 
@@ -61,6 +62,7 @@ def test_channels_last_matches_reference(rand_image):
     assert rel_err(fast.difference_maps, ref.difference_maps) < 1e-4
 
 
+@pytest.mark.usefixtures("triton_off")  # the decode's slices: not the kernels (conftest)
 def test_decode_batch_splitting_pairs_changes_nothing(tiny_pipe, rand_image):
     """Decoding in slices that cut a (+, -) pair apart gives the same maps."""
     cfg = EmerDiffConfig(num_masks=3, resolution=64, seed=7)
@@ -86,6 +88,7 @@ def test_fast_with_triton_killed_matches(tiny_pipe, rand_image, monkeypatch):
     assert rel_err(with_triton.difference_maps, without.difference_maps) < 1e-5
 
 
+@pytest.mark.usefixtures("triton_off")  # batching images: not the kernels (conftest)
 def test_batch_of_three_equals_three_calls(tiny_pipe, rand_image):
     cfg = EmerDiffConfig(num_masks=4, resolution=64)
     seg = EmerDiff(tiny_pipe, cfg, backend="fast")
@@ -104,6 +107,7 @@ def test_chunk_plan_pairs_and_pads():
     assert chunk_plan(2, 4) == [([0, 0, 1, 1], [1, -1, 1, -1])]
 
 
+@pytest.mark.usefixtures("triton_off")  # the compiled graphs: not the kernels (conftest)
 def test_compiled_unet_traces_once(tiny_pipe, rand_image):
     """Static shapes and no tensor-dependent branching: after the first image (one graph
     with modulation, one without), further chunks and images reuse the compiled graphs."""
@@ -159,6 +163,7 @@ def test_prefix_sharing_steps_aside_for_other_layers(tiny_pipe, rand_image):
     assert rel_err(fast.difference_maps, ref.difference_maps) < 1e-4
 
 
+@pytest.mark.usefixtures("triton_off")  # the compiled decode: not the kernels (conftest)
 def test_compiled_decode_one_static_batch(tiny_pipe, rand_image):
     """compile also compiles the VAE decode; a last slice smaller than decode_batch is
     padded, so the decode traces one graph, and the maps do not change."""

@@ -118,3 +118,15 @@ def test_ids_are_numbered_by_first_point_in_raster_order():
     for row in res.labels:
         firsts = [int((row == k).nonzero()[0]) for k in range(4)]
         assert firsts == sorted(firsts) and firsts[0] == 0
+
+
+def test_checking_convergence_every_iteration_changes_nothing():
+    """The CPU checks convergence every iteration (no device to sync), a GPU every 10: once
+    the assignment repeats the centroids are a fixed point, so both give the same result."""
+    g = torch.Generator().manual_seed(11)
+    for trial in range(6):
+        x = torch.randn(2, 40 + 7 * trial, 5, generator=g)
+        init = torch.cat([kmeans_plusplus(x[i:i + 1], 6, torch.Generator().manual_seed(trial), 4) for i in range(2)])
+        every = lloyd(x, init, 100, kernels.kmeans_assign_torch, kernels.kmeans_update_torch, check_every=1)
+        tenth = lloyd(x, init, 100, kernels.kmeans_assign_torch, kernels.kmeans_update_torch, check_every=10)
+        assert torch.equal(every.labels, tenth.labels) and torch.equal(every.centroids, tenth.centroids)

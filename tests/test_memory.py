@@ -10,6 +10,8 @@ import torch
 
 from emerdiff_fast.memory import LiveBytes, MemoryModel, balanced_chunk, peak_bytes
 
+pytestmark = pytest.mark.usefixtures("triton_off")  # the kernels are not the point here (conftest)
+
 
 @pytest.mark.parametrize("device", ["cpu", "meta"])
 def test_live_bytes_by_hand(device):

@@ -8,6 +8,8 @@ from emerdiff_fast import EmerDiff, EmerDiffConfig, load_pipeline
 from emerdiff_fast.cli import main
 from emerdiff_fast.output import _fitted_font, _place, boundaries, overlay, overlay_scale
 
+pytestmark = pytest.mark.usefixtures("triton_off")  # the kernels are not the point here (conftest)
+
 SCENE = "examples/scenes/scene-10000901.png"
 
 

@@ -8,6 +8,8 @@ from PIL import Image
 from emerdiff_fast.output import boundaries, output_files, overlay, rle_encode, save_result, segments
 from emerdiff_fast.result import SegmentationResult
 
+pytestmark = pytest.mark.usefixtures("triton_off")  # the kernels are not the point here (conftest)
+
 
 def test_rle_by_hand():
     # column-major [0, 1, 1, 1] -> runs [1 zero, 3 ones] -> "1", "3" offset by 48

@@ -6,6 +6,8 @@ import pytest
 
 from emerdiff_fast.prefetch import BackgroundWriter, StageClock, prefetched
 
+pytestmark = pytest.mark.usefixtures("triton_off")  # the kernels are not the point here (conftest)
+
 
 def test_prefetch_keeps_order_runs_ahead_boundedly_and_defers_errors():
     started = []

@@ -5,6 +5,8 @@ import pytest
 from emerdiff_fast import EmerDiff, EmerDiffConfig
 from emerdiff_fast.config import SPEED_PRESETS, ConfigError
 
+pytestmark = pytest.mark.usefixtures("triton_off")  # the kernels are not the point here (conftest)
+
 
 def test_presets_change_only_what_they_say():
     base = EmerDiffConfig(num_masks=4, resolution=128)
