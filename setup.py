@@ -29,11 +29,13 @@ setup(
     # the trained mini model ships inside the package (a diffusers folder, ~22 MB)
     package_data={"emerdiff_fast.mini": ["model/*.json", "model/*.md", "model/*/*"],
                   "emerdiff_fast": ["class_names/*.txt"]},
+    # floors: the oldest versions the whole suite has passed on (the GPU image's torch,
+    # triton and transformers); docs/architecture.md lists the tested sets
     install_requires=[
-        "torch>=2.4",
-        "triton>=3.0",
-        "diffusers>=0.30",
-        "transformers>=4.40",
+        "torch>=2.11",
+        "triton>=3.6",
+        "diffusers>=0.42",
+        "transformers>=5.17",
         "safetensors",
         "numpy",
         "scipy",
