@@ -460,6 +460,9 @@ def run_bounded(cmd: list[str], limit_s: float, env: dict) -> dict:
         os.killpg(p.pid, signal.SIGKILL)
         stdout, _ = p.communicate()
         timed_out = True
+    except BaseException:  # the session's SIGINT: its own group does not get it, so end it here
+        os.killpg(p.pid, signal.SIGKILL)
+        raise
     return {"rc": None if timed_out else p.returncode, "timed_out": timed_out, "timeout_s": limit_s,
             "seconds": time.perf_counter() - t0, "summary": (stdout.strip().splitlines() or [""])[-1],
             "tail": stdout[-1500:] if timed_out or p.returncode else ""}

@@ -33,6 +33,7 @@ mkdir -p "$OUT"
 SITE=$(mktemp -d)
 trap 'rm -rf "$SITE"; rm -f "$OUT"/.*.tmp' EXIT
 exec > >(tee "$OUT/log.txt") 2>&1   # a killed run still returns its log
+TEE=$!
 echo "commit ${EMERDIFF_COMMIT:-unknown: pass EMERDIFF_COMMIT=<hash>}, source digest $(python3 -m benchmarks.gpu_travel --digest)"
 if [ -n "$DRY" ]; then
     python3 -m benchmarks.gpu_travel --check || { echo "FAILED: the GPU call would carry too much (above)"; exit 1; }
@@ -56,9 +57,13 @@ echo "setup took $(( $(date +%s) - START )) s"
 # gpu_run first checks the imports and builds the full-size models on the meta device (one line,
 # in seconds, if anything fails under this image); SIGINT 30 s before the device tool's 600 s:
 # the stage in progress writes what it has
-timeout -s INT -k 15 $(( 570 - ($(date +%s) - START) )) \
-    python3 -m benchmarks.gpu_run --out "$OUT" --started "$START" $DRY
+left=$(( 570 - ($(date +%s) - START) )); [ "$left" -ge 30 ] || left=30
+timeout -s INT -k 15 "$left" python3 -m benchmarks.gpu_run --out "$OUT" --started "$START" $DRY
 rc=$?
+# 124: stopped at the time limit on purpose (its files written); not the device tool's kill
+[ "$rc" = 124 ] && { echo "stopped at the session's time limit"; rc=3; }
 rm -f "$OUT"/.*.tmp
 python3 -m benchmarks.gpu_run --check-out "$OUT" || rc=1
+exec >&- 2>&-   # the log's last lines reach log.txt before the command ends
+wait "$TEE" 2>/dev/null
 exit $rc

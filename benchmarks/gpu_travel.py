@@ -45,8 +45,11 @@ def spec_name(spec: str) -> str:
 def tree_files(root: Path = ROOT) -> list[Path]:
     """The working tree as the device tool copies it: tracked files and untracked files that
     git does not ignore (a tracked file deleted here is not there)."""
-    r = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"], cwd=root,
-                       capture_output=True, timeout=60, check=True)
+    try:
+        r = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"], cwd=root,
+                           capture_output=True, timeout=60, check=True)
+    except (OSError, subprocess.SubprocessError):  # not a git checkout: every file but the carried ones
+        return [p for p in root.rglob("*") if p.is_file() and not p.relative_to(root).parts[0] in (*CARRY, ".git")]
     return [root / p for p in sorted(set(r.stdout.decode().split("\0"))) if p and (root / p).is_file()]
 
 

@@ -37,7 +37,8 @@ from .metrics import ConceptMIoU, UnsupervisedMIoU, cluster_masks
 from .output import atomic_write, npz_bytes, settings_differ
 
 log = logging.getLogger("emerdiff_fast")
-CACHE_VERSION = 2  # bump when the cache entries change: an old cache is then refused
+CACHE_VERSION = 3  # bump when the cache entries change: an old cache is then refused (3: k-means'
+# restart choice and cluster numbering)
 METHODS = ("emerdiff", "naive")
 # k-means of the dataset's mask embeddings (choice): k-means++, seeded with --seed, with the
 # per-image k-means' restarts and iterations (10, 100).

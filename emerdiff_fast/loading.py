@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import tempfile
 from pathlib import Path
@@ -291,17 +292,25 @@ def load_pipeline(source, *, device=None, dtype=None, random_init: bool = False,
     return check_pipeline(upcast_vae(pipe.to(device=device)), source_str)
 
 
+def says_force_upcast(vae_config) -> bool:
+    """Whether a VAE's own config file sets force_upcast (SDXL's does). AutoencoderKL fills
+    in True where a config does not name it (SD 1.x/2.x's), which says nothing."""
+    return bool(vae_config.get("force_upcast", False)) and "force_upcast" not in vae_config.get("_use_default_values", ())
+
+
 def vae_dtype(vae, wanted: torch.dtype | None = None) -> torch.dtype:
     """The dtype a VAE runs in when `wanted` (default: its own): float32 instead of float16
     where its config says force_upcast (SDXL's VAE overflows in float16: NaN maps)."""
     wanted = wanted or vae.dtype
-    return torch.float32 if wanted == torch.float16 and vae.config.get("force_upcast", False) else wanted
+    return torch.float32 if wanted == torch.float16 and says_force_upcast(vae.config) else wanted
 
 
 def upcast_vae(pipe):
     """The pipeline with its VAE moved, in place, to vae_dtype (the VAE runs in its own dtype
-    everywhere: segmenter, hyperfeatures, vocabulary)."""
+    everywhere: segmenter, hyperfeatures, vocabulary); said when it moves one."""
     if vae_dtype(pipe.vae) != pipe.vae.dtype:
+        logging.getLogger("emerdiff_fast").warning(
+            "this pipeline's VAE config says force_upcast (it overflows in float16): moved its VAE to float32")
         pipe.vae.to(vae_dtype(pipe.vae))
     return pipe
 

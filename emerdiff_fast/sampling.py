@@ -61,16 +61,21 @@ def inference_grid(scheduler_config, num_inference_steps: int) -> tuple[int, ...
     return tuple(int(t) for t in _scheduler(scheduler_config, num_inference_steps).timesteps)
 
 
+def grid_text(grid: tuple[int, ...]) -> str:
+    """A grid for messages: "981, 961, ..., 1" (or all of a short one)."""
+    return ", ".join(map(str, grid)) if len(grid) <= 3 else f"{grid[0]}, {grid[1]}, ..., {grid[-1]}"
+
+
 def modulation_start(grid: tuple[int, ...], t_modulate: int) -> int:
     """t_modulate on the grid: the default (config.follows_model) becomes the grid's nearest
     step; a value the user gave must be on it."""
     if t_modulate in grid:
         return int(t_modulate)
-    near = sorted(grid, key=lambda t: (abs(t - t_modulate), t))[:2]
-    if follows_model(t_modulate):
+    near = sorted((t for t in grid if t > 0), key=lambda t: (abs(t - t_modulate), t))[:2]
+    if follows_model(t_modulate) and near:
         return near[0]
     raise ConfigError(f"t_modulate={t_modulate} is not on this checkpoint's {len(grid)}-step schedule "
-                      f"({grid[0]}, {grid[1]}, ..., {grid[-1]}); the nearest steps are {min(near)} and {max(near)}")
+                      f"({grid_text(grid)}); the nearest steps are {' and '.join(map(str, sorted(near))) or 'none'}")
 
 
 def is_edm(scheduler_config) -> bool:
@@ -126,9 +131,12 @@ class ReverseSchedule:
         steps = [t for t in grid if 0 < t <= start]
         a_t = ac[steps]
         a_p = torch.stack([ac[after[t]] if after.get(t, 0) > 0 else ac[0] for t in steps])
+        if not steps:
+            raise ConfigError(f"t_modulate={start} leaves no step above 0 on this checkpoint's schedule "
+                              f"({grid_text(grid)}): give more num_inference_steps")
         if (a_t == 0).any():  # zero terminal SNR: x_0 = (x - sqrt(1 - a) eps) / sqrt(a) divides by 0
             raise ConfigError(f"t_modulate={start}: this checkpoint's alpha_bar is 0 there (a zero-terminal-SNR "
-                              f"schedule) and the inversion divides by its root; give t_modulate {grid[1]} or lower")
+                              "schedule) and the inversion divides by its root: give a lower t_modulate")
         if not 1 <= config.modulate_steps <= len(steps):
             raise ConfigError(f"modulate_steps must lie in [1, {len(steps)}] on this checkpoint's schedule from "
                               f"t_modulate={start}, got {config.modulate_steps}")

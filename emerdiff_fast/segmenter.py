@@ -25,8 +25,8 @@ from .loading import expected_resolution, load_pipeline, model_caveats, recommen
 from .maps import assign_labels, gaussian_blur, mask_embeddings, masks_from_labels, naive_upsample
 from .result import SegmentationResult
 from .run import Progress, Run
-from .sampling import (ReverseSchedule, alphas_cumprod, feature_noise, inference_grid, latent_dtype, modulation_start,
-                       noise_to, sample_trajectory, trajectory_noise)
+from .sampling import (ReverseSchedule, alphas_cumprod, feature_noise, grid_text, inference_grid, latent_dtype,
+                       modulation_start, noise_to, sample_trajectory, trajectory_noise)
 from .timing import timed
 
 BACKENDS = ("reference", "fast", "naive")
@@ -92,8 +92,8 @@ def settle_config(pipe, config: EmerDiffConfig | None, overrides: dict) -> EmerD
     grid = inference_grid(pipe.scheduler.config, config.num_inference_steps)
     start = modulation_start(grid, config.t_modulate)  # refuses a given value off the grid
     if start != config.t_modulate:
-        _once("t_modulate %d is not on this checkpoint's %d-step schedule (%d, %d, ..., %d): using its nearest "
-              "step, %d", config.t_modulate, len(grid), grid[0], grid[1], grid[-1], start)
+        _once("t_modulate %d is not on this checkpoint's %d-step schedule (%s): using its nearest step, %d",
+              config.t_modulate, len(grid), grid_text(grid), start)
         config = config.replace(t_modulate=start)
     expected = expected_resolution(pipe, recommended)
     if not expected / 2 <= config.resolution <= expected * 2:

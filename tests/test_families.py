@@ -316,9 +316,12 @@ def test_memory_model_on_the_sdxl_skeleton_matches_a_real_cpu_run():
     assert abs(real / predicted - 1) < 0.01, (real, predicted)
 
 
-def test_a_pipeline_passed_in_keeps_a_force_upcast_vae_in_float32(our_log):
+def test_a_pipeline_passed_in_keeps_a_force_upcast_vae_in_float32(our_log, monkeypatch):
     """SDXL's VAE overflows in float16 (NaN maps): the force_upcast rule holds for pipelines the
     user built, and for decode_dtype="float16", not only for checkpoints load_pipeline reads."""
+    from emerdiff_fast import segmenter
+
+    monkeypatch.setattr(segmenter, "_SAID", set())  # the once-only messages, fresh for this test
     half = load_pipeline(tiny_sdxl_pipeline(), dtype=torch.float16)
     assert (half.unet.dtype, half.vae.dtype) == (torch.float16, torch.float32)
     user = tiny_sdxl_pipeline().to(torch.float16)  # built and cast by the user, handed to EmerDiff
@@ -327,9 +330,8 @@ def test_a_pipeline_passed_in_keeps_a_force_upcast_vae_in_float32(our_log):
     seg = EmerDiff(tiny_sdxl_pipeline(), CFG.replace(resolution=128, decode_dtype="float16"), backend="naive")
     assert seg.decode_vae.dtype == torch.float32
     assert "decode_dtype=float16: this VAE's config says force_upcast" in our_log.text
-    sd = load_pipeline("tiny")
-    sd.vae.register_to_config(force_upcast=False)  # the rule only where the config says so
-    assert load_pipeline(sd, dtype=torch.float16).vae.dtype == torch.float16
+    sd = load_pipeline("tiny")  # its VAE config does not name force_upcast (AutoencoderKL fills in True)
+    assert sd.vae.config.force_upcast and load_pipeline(sd, dtype=torch.float16).vae.dtype == torch.float16
 
 
 def test_edm_schedules_per_channel_latents_and_mismatched_unets_are_refused_in_one_line():

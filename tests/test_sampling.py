@@ -129,16 +129,18 @@ def test_default_t_modulate_follows_the_checkpoints_grid(tiny_pipe, extra, start
             ReverseSchedule.build(config, CFG.replace(t_modulate=999))
 
 
-def test_the_segmenter_says_once_where_t_modulate_moved(tiny_pipe, our_log):
+def test_the_segmenter_says_once_where_t_modulate_moved(tiny_pipe, our_log, monkeypatch):
     from diffusers import DDIMScheduler
 
-    from emerdiff_fast import EmerDiff, load_pipeline
+    from emerdiff_fast import EmerDiff, load_pipeline, segmenter
+
+    monkeypatch.setattr(segmenter, "_SAID", set())  # the once-only messages, fresh for this test
 
     pipe = load_pipeline("tiny")
     own = {k: v for k, v in pipe.scheduler.config.items() if k != "_use_default_values"}
     pipe.scheduler = DDIMScheduler.from_config({**own, "timestep_spacing": "trailing", "set_alpha_to_one": False})
     for _ in range(2):
-        seg = EmerDiff(pipe, resolution=128, num_masks=4, seed=987)  # (the seed: a message not said before)
+        seg = EmerDiff(pipe, resolution=128, num_masks=4)
     assert seg.config.t_modulate == 279 and seg.schedule.timesteps[0] == 279
     assert our_log.text.count("t_modulate 281 is not on this checkpoint's 50-step schedule") == 1
 
