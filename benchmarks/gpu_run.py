@@ -46,13 +46,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from benchmarks.gpu_plan import OPTIONAL_ROWS, load_plan
+from benchmarks.gpu_plan import GATE_MASKS, GATE_RESOLUTION, GATE_SCENES, OPTIONAL_ROWS, TIMED_IMAGES, load_plan
 from benchmarks.gpu_travel import MAX_OUT_FILES, source_digest
 
 ROOT = Path(__file__).resolve().parents[1]
 NEVER_SKIP = ("a-env", "b-headline")
 RESERVE_S = 15           # kept at the end for the last file and the table
-GATE_SCENES = 16         # d-mini's held-out scenes
 KERNEL_TEST_S = 60       # per kernel test (pytest-timeout, which the GPU image has)
 KERNEL_TESTS_S = 150     # the whole kernel-test subprocess
 
@@ -76,8 +75,8 @@ class Session:
         self.device = torch.device("cpu" if self.dry_run else "cuda")
         dry = self.dry_run
         self.resolution, self.masks = (64, 2) if dry else (512, 30)
-        self.gate_resolution, self.gate_masks = (64, 2) if dry else (256, 8)
-        self.timed_images = 1 if dry else 3
+        self.gate_resolution, self.gate_masks = (64, 2) if dry else (GATE_RESOLUTION, GATE_MASKS)
+        self.timed_images = 1 if dry else TIMED_IMAGES
         self.gate_scenes = 1 if dry else GATE_SCENES
 
     def left(self) -> float:
@@ -138,9 +137,9 @@ class Session:
 
 
 def _write(path: Path, data: dict) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")  # gpu_session.sh removes a leftover one
-    tmp.write_text(json.dumps(data, indent=1, default=str))
-    tmp.replace(path)
+    from emerdiff_fast.output import atomic_write  # (here: the preflight reports a failing import in one line)
+
+    atomic_write(path, json.dumps(data, indent=1, default=str).encode())  # gpu_session.sh removes a leftover .tmp
 
 
 # ---- the first seconds -------------------------------------------------------------------------

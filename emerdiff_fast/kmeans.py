@@ -5,9 +5,8 @@ assignment/update ops, the reference path their plain-PyTorch twins.
 Choosing the restart and numbering the clusters must not depend on rounding: the fast path's
 Triton steps and the reference's PyTorch steps round differently, so the restarts' inertias
 are recomputed from differences (exact_inertia), restarts within INERTIA_RTOL of the lowest
-count as tied and the lowest restart index wins, and the
-winner's clusters are numbered by their first point in raster order, whatever order its
-centroids were drawn in.
+count as tied and the lowest restart index wins, and the winner's clusters are numbered by
+their first point in raster order, whatever order its centroids were drawn in.
 
 Empty clusters (choice): re-seeded with the points farthest from their centroids, one per
 empty cluster, without a host round-trip. A cluster can only stay empty when there are

@@ -308,10 +308,11 @@ def vae_dtype(vae, wanted: torch.dtype | None = None) -> torch.dtype:
 def upcast_vae(pipe):
     """The pipeline with its VAE moved, in place, to vae_dtype (the VAE runs in its own dtype
     everywhere: segmenter, hyperfeatures, vocabulary); said when it moves one."""
-    if vae_dtype(pipe.vae) != pipe.vae.dtype:
+    target = vae_dtype(pipe.vae)
+    if target != pipe.vae.dtype:
         logging.getLogger("emerdiff_fast").warning(
             "this pipeline's VAE config says force_upcast (it overflows in float16): moved its VAE to float32")
-        pipe.vae.to(vae_dtype(pipe.vae))
+        pipe.vae.to(target)
     return pipe
 
 

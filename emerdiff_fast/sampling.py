@@ -131,9 +131,6 @@ class ReverseSchedule:
         steps = [t for t in grid if 0 < t <= start]
         a_t = ac[steps]
         a_p = torch.stack([ac[after[t]] if after.get(t, 0) > 0 else ac[0] for t in steps])
-        if not steps:
-            raise ConfigError(f"t_modulate={start} leaves no step above 0 on this checkpoint's schedule "
-                              f"({grid_text(grid)}): give more num_inference_steps")
         if (a_t == 0).any():  # zero terminal SNR: x_0 = (x - sqrt(1 - a) eps) / sqrt(a) divides by 0
             raise ConfigError(f"t_modulate={start}: this checkpoint's alpha_bar is 0 there (a zero-terminal-SNR "
                               "schedule) and the inversion divides by its root: give a lower t_modulate")

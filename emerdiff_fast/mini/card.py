@@ -7,7 +7,6 @@ import json
 import shutil
 from pathlib import Path
 
-
 from . import MODEL_DIR, RESOLUTION
 from ..loading import RECOMMENDED_FILE
 from ..output import read_checkpoint
